@@ -1,0 +1,52 @@
+# `make run` and `make test` set everything up themselves on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SOURCE ?= tests/data
+ENGINE ?=
+OUT ?= out
+
+.PHONY: help install run test test-fast lint format typecheck clean
+
+help:
+	@echo "make run [SOURCE=dir]  install, export the default engine for SOURCE's buckets, extract"
+	@echo "make test              install, lint, type-check and run the whole test suite"
+	@echo "make test-fast         the suite without the slow tests"
+	@echo "make lint | format | typecheck | clean"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first and pinned: the CPU build on disk; an unpinned torch pulls a multi-GB CUDA build.
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[export,test]'
+	# tensorrt-stubs declares a dependency on tensorrt itself, which PyPI cannot serve here.
+	$(BIN)/pip install --quiet --no-deps tensorrt-stubs
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(BIN)/python -m interactive.export.quickstart $(SOURCE) --out $(OUT) $(if $(ENGINE),--engine $(ENGINE))
+
+test: install lint typecheck
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+typecheck: install
+	$(BIN)/mypy runtime $(wildcard engines/*.py)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache $(OUT)

@@ -1,0 +1,1 @@
+"""Export stage (needs torch + onnx): model spec, autograd reference, analytic graph, exporter."""

@@ -1,0 +1,164 @@
+"""The analytic InterActive graph: forward pass, top-down backward pass and activeness collection
+written with ordinary tensor ops (no autograd), so that it exports to one static ONNX graph per
+bucket and runs unchanged as the torch backend.
+
+Backward rules (ALGORITHM.md section 4): a conv/fc unit masks its incoming gradient with its ReLU
+(`X_u > 0` is the same mask as `z_u > 0`) and passes it down with a transposed convolution that
+reuses the forward kernel (no second copy of the weights); a pool unit routes each gradient to the
+first maximum of its 2x2 window, found with a space-to-depth reshape and ArgMax.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .reference import normalise
+from .spec import FeatureSpec, conv_weights, heatmap_name
+
+
+def window_switches(x: torch.Tensor, window_index: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] -> [N, C, H/2, W/2, 4]: one-hot of each 2x2 window's first maximum."""
+    _, c, h, w = x.shape
+    windows = x.reshape(-1, c, h // 2, 2, w // 2, 2).permute(0, 1, 2, 4, 3, 5)
+    first_max = windows.reshape(-1, c, h // 2, w // 2, 4).argmax(dim=-1, keepdim=True)
+    return (first_max == window_index).to(x.dtype)
+
+
+def route_to_switches(grad: torch.Tensor, switches: torch.Tensor) -> torch.Tensor:
+    """Place [N, C, h, w] gradients on the switches [N, C, h, w, 4]: returns [N, C, 2h, 2w]."""
+    _, c, h, w = grad.shape
+    routed = (switches * grad.unsqueeze(-1)).reshape(-1, c, h, w, 2, 2)
+    return routed.permute(0, 1, 2, 4, 3, 5).reshape(-1, c, 2 * h, 2 * w)
+
+
+class AnalyticGraph(nn.Module):
+    """uint8 [N, H, W, 3] RGB -> one float32 [N, D_t] per requested layer (then heatmaps).
+
+    `seed_scale` multiplies the top gradient and divides the outputs, so that reduced-precision
+    engines do not underflow (ALGORITHM.md section 6); gamma is linear in the seed.
+    """
+
+    def __init__(
+        self, spec: FeatureSpec, state_dict: dict[str, torch.Tensor], seed_scale: float = 1.0
+    ) -> None:
+        super().__init__()
+        self.spec = spec
+        self.units = spec.units
+        self.seed_scale = float(seed_scale)
+        self.deepest = spec.deepest_index()
+        self.requested = {spec.index(t): t for t in spec.layers}
+        self.low = min(self.requested)
+        self.register_buffer("window_index", torch.arange(4))
+        for i, u in enumerate(self.units[: self.deepest + 1]):
+            if not u.is_pool:
+                w, b = conv_weights(state_dict, u)
+                self.register_buffer(self._key(i, "weight"), w)
+                self.register_buffer(self._key(i, "bias"), b)
+        for k in sorted({u.kernel for u in self.units if u.kernel > 1}):
+            self.register_buffer(f"box_{k}x{k}", torch.ones(1, 1, k, k))
+
+    def _key(self, i: int, what: str) -> str:
+        return f"{self.units[i].name.replace('-', '_')}_{what}"
+
+    def _param(self, i: int, what: str) -> torch.Tensor:
+        return getattr(self, self._key(i, what))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = normalise(images)  # the reference's own arithmetic, so both see the same pixels
+        maps: dict[int, torch.Tensor] = {}
+        keep = self._kept_maps()
+        for i, u in enumerate(self.units[: self.deepest + 1]):
+            if u.is_pool:
+                x = F.max_pool2d(x, 2, 2)
+            else:
+                x = F.relu(
+                    F.conv2d(x, self._param(i, "weight"), self._param(i, "bias"), padding=u.padding)
+                )
+            if i in keep:
+                maps[i] = x
+        out: dict[str, torch.Tensor] = {}
+        if self.spec.config == "orig-avg":
+            out = {t: maps[i].mean(dim=(2, 3)) for i, t in self.requested.items()}
+        elif self.spec.config == "orig-max":
+            out = {t: maps[i].amax(dim=(2, 3)) for i, t in self.requested.items()}
+        elif self.spec.config == "last":
+            self._backward_from(self.deepest, maps, out)
+        else:  # next: each layer's score sits on the unit right above it; no deep backward
+            for i in sorted(self.requested):
+                self._backward_from(i + 1, maps, out)
+        return tuple(out[name] for name in self.spec.output_names())
+
+    def _kept_maps(self) -> set[int]:
+        if not self.spec.interactive:
+            return set(self.requested)
+        if self.spec.config == "next":
+            return set(self.requested) | {i + 1 for i in self.requested}
+        return set(range(self.low, self.deepest + 1))
+
+    def _seed(self, x_top: torch.Tensor) -> torch.Tensor:
+        """d lnf / d X_T, [N, D, 1, 1] (the same at every position), times seed_scale."""
+        positions = x_top.shape[2] * x_top.shape[3]
+        mean = x_top.mean(dim=(2, 3), keepdim=True)
+        slope = 2.0 * mean if self.spec.p == 2 else torch.sign(mean)
+        return slope * (-self.seed_scale / positions)
+
+    def _backward_from(
+        self, top: int, maps: dict[int, torch.Tensor], out: dict[str, torch.Tensor]
+    ) -> None:
+        """Go down from `top`, collecting every requested layer met on the way.
+
+        Under `next` only the unit right above one layer is visited (the loop stops at `low`
+        because that layer is the only one below `top`).
+        """
+        low = top - 1 if self.spec.config == "next" else self.low
+        grad = self._seed(maps[top])  # d lnf / d X_i for the unit i being visited
+        for i in range(top, low, -1):
+            u = self.units[i]
+            if u.is_pool:
+                if i - 1 in self.requested:
+                    self._collect_below_pool(i, grad, maps, out)
+                if i - 1 > low:
+                    grad = route_to_switches(grad, window_switches(maps[i - 1], self.window_index))
+            else:
+                g = torch.where(maps[i] > 0, grad, torch.zeros_like(grad))
+                if i - 1 in self.requested:
+                    self._collect_below_conv(i, g, maps, out)
+                if i - 1 > low:
+                    grad = F.conv_transpose2d(g, self._param(i, "weight"), padding=u.padding)
+
+    def _collect_below_conv(
+        self, i: int, g: torch.Tensor, maps: dict[int, torch.Tensor], out: dict[str, torch.Tensor]
+    ) -> None:
+        """Layer i-1 under conv/fc unit i: gamma = KxK box sum of sum_d' |g_u| (section 5)."""
+        u, t = self.units[i], self.requested[i - 1]
+        x_t = maps[i - 1]
+        gamma = g.abs().sum(dim=1, keepdim=True)
+        if u.kernel > 1:
+            box = getattr(self, f"box_{u.kernel}x{u.kernel}")
+            gamma = F.conv_transpose2d(gamma, box, padding=u.padding)
+        out[t] = (x_t * gamma).mean(dim=(2, 3)) / self.seed_scale
+        if self.spec.heatmaps:
+            out[heatmap_name(t)] = gamma[:, 0] * (x_t.shape[1] / self.seed_scale)
+
+    def _collect_below_pool(
+        self,
+        i: int,
+        grad: torch.Tensor,
+        maps: dict[int, torch.Tensor],
+        out: dict[str, torch.Tensor],
+    ) -> None:
+        """Layer i-1 under pool unit i: gamma = switch * |d lnf / d X_u|.
+
+        Where the switch is on, X_t equals the pooled value X_u, so the feature needs no switches:
+        sum over the pooled map of X_u * |grad|, divided by the positions of the layer below.
+        """
+        t = self.requested[i - 1]
+        x_t, x_u = maps[i - 1], maps[i]
+        magnitude = grad.abs().expand_as(x_u)
+        positions = x_t.shape[2] * x_t.shape[3]
+        out[t] = (x_u * magnitude).sum(dim=(2, 3)) / (positions * self.seed_scale)
+        if self.spec.heatmaps:
+            gamma = route_to_switches(magnitude, window_switches(x_t, self.window_index))
+            out[heatmap_name(t)] = gamma.sum(dim=1) / self.seed_scale

@@ -1,0 +1,93 @@
+"""`make run`: export the default engine for the buckets SOURCE needs, extract, summarise.
+
+    python -m interactive.export.quickstart SOURCE [--out OUT] [--engine DIR]
+
+Tries torchvision's ImageNet weights first; where they cannot be fetched (offline), falls back to
+`random:0` weights into a separate engine directory and says so loudly at start, at the end and in
+the Parquet file's metadata (`interactive.weights`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from interactive.runtime.buckets import DEFAULT_AREA, bucket_for, format_size
+from interactive.runtime.cli import main as cli_main
+from interactive.runtime.images import ImageError, image_size
+
+from .exporter import ExportRequest, export_engine
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"}
+BANNER = "!" * 78
+
+
+def image_files(source: Path) -> list[Path]:
+    if source.is_file():
+        return [source]
+    if not source.is_dir():
+        raise FileNotFoundError(f"SOURCE {str(source)!r} is neither a file nor a directory")
+    files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(
+            f"SOURCE {str(source)!r} holds no images ({sorted(IMAGE_SUFFIXES)})"
+        )
+    return files
+
+
+def needed_buckets(files: list[Path]) -> list[tuple[int, int]]:
+    """The buckets of the readable images (headers only); unreadable ones are reported later."""
+    buckets = set()
+    for f in files:
+        try:
+            buckets.add(bucket_for(*image_size(f), area=DEFAULT_AREA))
+        except ImageError:
+            continue
+    return sorted(buckets)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m interactive.export.quickstart")
+    parser.add_argument("source", type=Path, help="an image or a directory of images")
+    parser.add_argument("--out", type=Path, default=Path("out"), help="where features.parquet goes")
+    parser.add_argument("--engine", type=Path, help="engine directory (default under engines/)")
+    args = parser.parse_args(argv)
+    files = image_files(args.source)
+    buckets = needed_buckets(files)
+    print(f"{len(files)} images in {args.source}, buckets {[format_size(b) for b in buckets]}")
+    weights, engine = "imagenet", args.engine or Path("engines/vgg16-last-p2")
+    try:
+        export_engine(_request(engine, weights, buckets), log=_err)
+    except RuntimeError as err:
+        if "could not download" not in str(err):
+            raise
+        weights, engine = "random:0", args.engine or Path("engines/vgg16-last-p2-random0")
+        _shout(
+            f"ImageNet weights unavailable ({str(err).split(' (')[0]}).\n"
+            f"Using RANDOM weights (random:0) into {engine}: the features are only a smoke run."
+        )
+        export_engine(_request(engine, weights, buckets), log=_err)
+    output = args.out / "features.parquet"
+    code = cli_main(["extract", "--engine", str(engine), "-o", str(output), *map(str, files)])
+    if weights.startswith("random:"):
+        _shout("These features came from RANDOM weights (random:0), not ImageNet ones.")
+    print(f"features: {output} (engine {engine}, weights {weights})")
+    return 0 if code in (0, 3) else code
+
+
+def _request(engine: Path, weights: str, buckets: list[tuple[int, int]]) -> ExportRequest:
+    listed = ",".join(format_size(b) for b in buckets) or "512x512"
+    return ExportRequest(out=engine, weights=weights, buckets=listed)
+
+
+def _err(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _shout(text: str) -> None:
+    print(f"{BANNER}\n{text}\n{BANNER}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

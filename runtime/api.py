@@ -1,0 +1,153 @@
+"""The Python API: `Extractor.open(engine_dir).extract(images)` -> `Features`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .backends import Backend, open_backend
+from .batching import batches_by_bucket
+from .images import DEFAULT_MAX_PIXELS, ImageError, ImageSource, PreparedImage, prepare_image
+from .manifest import EngineManifest, MissingBucketError, heatmap_name
+
+log = logging.getLogger("interactive")
+
+
+@dataclass
+class Features(Mapping[str, np.ndarray]):
+    """Per-layer features, rows in input order: `feats["pool-3"]` is float32 [N, D].
+
+    Rows of inputs that failed are NaN, and `errors[i]` says why. `sizes[i]` is the original
+    (width, height) and `buckets[i]` the (W, H) it was resized to (None where unknown).
+    `heatmaps[layer][i]` is image i's gamma-hat map when the engine exports heatmaps.
+    """
+
+    layers: dict[str, np.ndarray]
+    errors: dict[int, str] = field(default_factory=dict)
+    sizes: list[tuple[int, int] | None] = field(default_factory=list)
+    buckets: list[tuple[int, int] | None] = field(default_factory=list)
+    heatmaps: dict[str, list[np.ndarray | None]] = field(default_factory=dict)
+
+    def __getitem__(self, layer: str) -> np.ndarray:
+        try:
+            return self.layers[layer]
+        except KeyError:
+            raise KeyError(f"no layer {layer!r}; this engine has {list(self.layers)}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @property
+    def ok(self) -> np.ndarray:
+        """Boolean [N]: which rows hold features."""
+        n = len(self.sizes)
+        mask = np.ones(n, dtype=bool)
+        mask[list(self.errors)] = False
+        return mask
+
+    def concat(self, normalize: str = "l2", layers: Iterable[str] | None = None) -> np.ndarray:
+        """[N, sum D_t]: the layers side by side, each L2-normalised first (`normalize="l2"`)."""
+        if normalize not in ("l2", "none"):
+            raise ValueError(f"normalize must be 'l2' or 'none', got {normalize!r}")
+        parts = [self[t] for t in (layers if layers is not None else self.layers)]
+        if normalize == "l2":
+            parts = [l2_normalize(p) for p in parts]
+        return np.concatenate(parts, axis=1)
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows divided by their L2 norm (zero rows stay zero)."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms > 0, norms, 1.0)
+
+
+class Extractor:
+    """An engine directory opened with one backend. Not thread-safe; open one per thread."""
+
+    def __init__(self, manifest: EngineManifest, backend: Backend) -> None:
+        self.manifest = manifest
+        self.backend = backend
+
+    @classmethod
+    def open(
+        cls, engine_dir: str | os.PathLike[str], backend: str = "auto", **options: Any
+    ) -> Extractor:
+        """Open `engine_dir` (made by `interactive export`). `backend`: "auto" or "ort".
+
+        Options go to the backend, e.g. `max_open_buckets=4` (sessions kept open, least recently
+        used closed first), `threads=0` (all cores), `providers=[...]` (ONNX Runtime).
+        """
+        manifest = EngineManifest.load(engine_dir)
+        return cls(manifest, open_backend(manifest, backend, **options))
+
+    @property
+    def layers(self) -> list[str]:
+        return self.manifest.layers
+
+    def bucket_for(self, width: int, height: int) -> tuple[int, int]:
+        return self.manifest.bucket_for(width, height)
+
+    def prepare(self, source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedImage:
+        """Decode and resize one image to its bucket; raises ImageError or MissingBucketError."""
+        image = prepare_image(source, self.manifest.bucket_for, max_pixels=max_pixels)
+        self.manifest.bucket_path(image.bucket)  # a missing bucket fails here, before batching
+        return image
+
+    def extract(self, images: Iterable[ImageSource], batch_size: int = 16) -> Features:
+        """Features of every image (paths, bytes or HxWx3 uint8 arrays, any sizes).
+
+        An input that cannot be read, or whose bucket has no graph, becomes `errors[i]` and a NaN
+        row; the other images are processed.
+        """
+        sources = list(images)
+        features = self._empty(len(sources))
+
+        def prepared() -> Iterator[tuple[int, PreparedImage]]:
+            for i, source in enumerate(sources):
+                try:
+                    image = self.prepare(source)
+                except (ImageError, MissingBucketError) as err:
+                    features.errors[i] = str(err)
+                    log.info("skipped input %d: %s", i, err)
+                    continue
+                features.sizes[i] = (image.width, image.height)
+                features.buckets[i] = image.bucket
+                yield i, image
+
+        for batch in batches_by_bucket(prepared(), batch_size):
+            outputs = self.backend.run(batch.bucket, batch.pixels)
+            self._store(features, batch.indices, outputs)
+        return features
+
+    def _empty(self, n: int) -> Features:
+        dims = self.manifest.layer_dims
+        layers = {t: np.full((n, d), np.nan, dtype=np.float32) for t, d in dims.items()}
+        heatmaps: dict[str, list[np.ndarray | None]] = {}
+        if self.manifest.data.get("heatmaps"):
+            heatmaps = {t: [None] * n for t in dims}
+        return Features(layers, {}, [None] * n, [None] * n, heatmaps)
+
+    @staticmethod
+    def _store(features: Features, indices: list[int], outputs: dict[str, np.ndarray]) -> None:
+        for layer, rows in features.layers.items():
+            rows[indices] = outputs[layer]
+        for layer, maps in features.heatmaps.items():
+            for row, i in enumerate(indices):
+                maps[i] = outputs[heatmap_name(layer)][row]
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> Extractor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,146 @@
+"""Backends run one bucket's graph on a uint8 [N, H, W, 3] batch; `open_backend` picks one.
+
+Every backend takes the engine manifest and returns {output name: float32 array}. ONNX Runtime is
+the CPU (and CUDA) backend; the GPU engines plug into the same interface.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .manifest import EngineError, EngineManifest
+from .weights import mapped_weights
+
+BACKENDS = ("auto", "ort")
+
+
+class Backend(Protocol):
+    name: str
+
+    def run(self, bucket: tuple[int, int], images: np.ndarray) -> dict[str, np.ndarray]:
+        """Outputs for one same-bucket uint8 [N, H, W, 3] batch."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def _ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as err:  # pragma: no cover - onnxruntime is a hard dependency
+        raise EngineError("the ort backend needs onnxruntime: pip install onnxruntime") from err
+    return onnxruntime
+
+
+def default_providers() -> list[str]:
+    """CUDA first when this onnxruntime build has it, the CPU always."""
+    available = _ort().get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def ort_session(
+    model: Path,
+    initializers: dict[str, Any] | None = None,
+    *,
+    providers: list[str] | None = None,
+    threads: int = 0,
+    prepack: bool = False,
+) -> Any:
+    """An InferenceSession whose weights come from `initializers` (shared OrtValues), not copies.
+
+    Prepacking (ORT's private reordered copy of every weight, per session) is off by default so
+    that an extra bucket costs its activations only; `prepack=True` trades memory for speed.
+    Layout optimisations above EXTENDED also copy weights per session, and measured no faster.
+    """
+    ort = _ort()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.intra_op_num_threads = threads
+    options.enable_cpu_mem_arena = False  # give activations back between batches
+    options.add_session_config_entry("session.disable_prepacking", "0" if prepack else "1")
+    options.log_severity_level = 3
+    for name, value in (initializers or {}).items():
+        options.add_initializer(name, value)
+    return ort.InferenceSession(str(model), options, providers=providers or default_providers())
+
+
+_ortvalue_cache: dict[Path, dict[str, Any]] = {}
+
+
+def shared_initializers(manifest: EngineManifest) -> dict[str, Any]:
+    """OrtValues over the memory-mapped weights.bin, made once per process and engine."""
+    weights = manifest.data["weights"]
+    path = (manifest.directory / weights["file"]).resolve()
+    mapped = mapped_weights(path, weights["tensors"])
+    cached = _ortvalue_cache.get(path)
+    if cached is None or cached.get("__map__") is not mapped:
+        ort = _ort()
+        cached = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in mapped.arrays.items()}
+        cached["__map__"] = mapped  # keeps the views (and so the map) alive with the values
+        _ortvalue_cache[path] = cached
+    return {k: v for k, v in cached.items() if k != "__map__"}
+
+
+class OrtBackend:
+    """ONNX Runtime sessions opened lazily per bucket and kept in a bounded LRU."""
+
+    name = "ort"
+
+    def __init__(
+        self,
+        manifest: EngineManifest,
+        *,
+        providers: list[str] | None = None,
+        max_open_buckets: int = 4,
+        threads: int = 0,
+        prepack: bool = False,
+    ) -> None:
+        if max_open_buckets < 1:
+            raise ValueError(f"max_open_buckets must be at least 1, got {max_open_buckets}")
+        self.manifest = manifest
+        self.providers = providers or default_providers()
+        self.max_open_buckets = max_open_buckets
+        self.threads = threads
+        self.prepack = prepack
+        self._sessions: OrderedDict[tuple[int, int], Any] = OrderedDict()
+
+    def session(self, bucket: tuple[int, int]) -> Any:
+        found = self._sessions.get(bucket)
+        if found is not None:
+            self._sessions.move_to_end(bucket)
+            return found
+        model = self.manifest.bucket_path(bucket)
+        session = ort_session(
+            model,
+            shared_initializers(self.manifest),
+            providers=self.providers,
+            threads=self.threads,
+            prepack=self.prepack,
+        )
+        self._sessions[bucket] = session
+        while len(self._sessions) > self.max_open_buckets:
+            self._sessions.popitem(last=False)
+        return session
+
+    @property
+    def open_buckets(self) -> list[tuple[int, int]]:
+        return list(self._sessions)
+
+    def run(self, bucket: tuple[int, int], images: np.ndarray) -> dict[str, np.ndarray]:
+        outputs = self.manifest.outputs
+        values = self.session(bucket).run(outputs, {self.manifest.input_name: images})
+        return dict(zip(outputs, values, strict=True))
+
+    def close(self) -> None:
+        self._sessions.clear()
+
+
+def open_backend(manifest: EngineManifest, name: str = "auto", **options: Any) -> Backend:
+    """`auto` picks the fastest backend installed (ONNX Runtime until the GPU engines land)."""
+    if name in ("auto", "ort"):
+        return OrtBackend(manifest, **options)
+    raise EngineError(f"unknown backend {name!r}: expected one of {BACKENDS}")

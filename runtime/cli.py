@@ -1,0 +1,195 @@
+"""`interactive`: export engines, show buckets, extract features to Parquet.
+
+Exit codes: 0 success; 1 a fatal error (bad engine, unwritable output, failed export); 2 bad
+usage; 3 the command finished but some images failed (their rows say why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from .buckets import DEFAULT_AREA, all_buckets, bucket_for, format_size, parse_size
+from .manifest import EngineError
+
+EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+PAPER_LAYERS = "pool-1,pool-2,conv-3-3,pool-3,conv-4-3,pool-4,conv-5-3,pool-5,fc-6"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(message)s")
+    try:
+        return int(args.handler(args))
+    except (EngineError, ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"interactive {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_FATAL
+    except BrokenPipeError:  # `interactive buckets | head`
+        sys.stderr.close()
+        return EXIT_OK
+    except KeyboardInterrupt:
+        print(f"interactive {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="interactive",
+        description="InterActive deep features (Xie et al., CVPR 2016) with static ONNX engines.",
+    )
+    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_export(sub)
+    _add_buckets(sub)
+    _add_extract(sub)
+    return parser
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export one ONNX graph per bucket into an engine directory (needs torch)",
+        description="Export the analytic InterActive graph, one static ONNX graph per bucket, "
+        "sharing one weights.bin. Every bucket is validated against the autograd reference.",
+    )
+    p.add_argument("--out", required=True, type=Path, help="engine directory (created/extended)")
+    p.add_argument("--arch", default="vgg16", choices=["vgg16", "vgg19"])
+    p.add_argument(
+        "--weights",
+        default="imagenet",
+        help="'imagenet' (torchvision's, via the torch hub cache), a .pth state dict, "
+        "or random:SEED (tests and smoke runs)",
+    )
+    p.add_argument("--config", default="last", choices=["last", "next", "orig-avg", "orig-max"])
+    p.add_argument("--p", type=int, default=2, choices=[1, 2], help="score exponent")
+    p.add_argument("--layers", default=PAPER_LAYERS, help="comma-separated layer names")
+    p.add_argument("--heatmaps", action="store_true", help="also output gamma-hat heatmaps")
+    p.add_argument("--width-div", type=int, default=1, help="narrow network (tests): 2, 4, 8...")
+    p.add_argument(
+        "--buckets", default="common", help="'common', 'all', or a list WxH,WxH (default common)"
+    )
+    p.add_argument("--area", type=int, default=512, help="bucket rule area as a square's side")
+    p.add_argument("--fixed", help="one fixed bucket WxH for every image (e.g. 224x224: ORIG)")
+    p.add_argument("--no-validate", action="store_true", help="skip the reference check")
+    p.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    try:
+        from interactive.export.exporter import ExportRequest, export_engine
+    except ImportError as err:
+        raise RuntimeError(
+            f"interactive export needs torch and onnx ({err}); install them with "
+            "`pip install torch==2.13.0` (CPU) then `pip install 'interactive[export]'`"
+        ) from err
+    request = ExportRequest(
+        out=args.out,
+        arch=args.arch,
+        weights=args.weights,
+        config=args.config,
+        p=args.p,
+        layers=tuple(t.strip() for t in args.layers.split(",") if t.strip()),
+        heatmaps=args.heatmaps,
+        width_div=args.width_div,
+        area=args.area,
+        fixed=args.fixed,
+        buckets=args.buckets,
+        validate=not args.no_validate,
+    )
+    started = time.perf_counter()
+    manifest = export_engine(request, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(
+        f"engine {manifest.directory}: {len(manifest.buckets)} buckets "
+        f"({', '.join(format_size(b) for b in manifest.buckets)}) in "
+        f"{time.perf_counter() - started:.0f} s"
+    )
+    return EXIT_OK
+
+
+def _add_buckets(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "buckets",
+        help="the bucket of each size, or the whole table",
+        description="Print the bucket (W x H) of each given image size WxH, or the whole table.",
+    )
+    p.add_argument("sizes", nargs="*", help="image sizes WxH")
+    p.add_argument("--area", type=int, default=512, help="area as a square's side (default 512)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=_run_buckets)
+
+
+def _run_buckets(args: argparse.Namespace) -> int:
+    area = args.area * args.area if args.area else DEFAULT_AREA
+    if args.sizes:
+        rows = {s: format_size(bucket_for(*parse_size(s), area=area)) for s in args.sizes}
+        if args.json:
+            print(json.dumps(rows))
+        for size, bucket in rows.items():
+            if not args.json:
+                print(f"{size} -> {bucket}")
+        return EXIT_OK
+    table = all_buckets(area)
+    if args.json:
+        print(json.dumps([format_size(b) for b in table]))
+        return EXIT_OK
+    print(f"{len(table)} buckets at area {args.area}x{args.area} (W x H, aspect W/H):")
+    for w, h in table:
+        print(f"  {w:>5}x{h:<5} {w / h:5.2f}")
+    return EXIT_OK
+
+
+def _add_extract(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "extract",
+        help="features of images into a Parquet file",
+        description="Extract features of IMAGE files into one Parquet file: one row per image "
+        "(path, width, height, bucket, one list column per layer, status).",
+    )
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    p.add_argument("--engine", required=True, type=Path, help="engine directory")
+    p.add_argument("-o", "--output", required=True, type=Path, help="output .parquet file")
+    p.add_argument("--backend", default="auto", choices=["auto", "ort"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: all cores)")
+    p.set_defaults(handler=_run_extract)
+
+
+def _run_extract(args: argparse.Namespace) -> int:
+    from .api import Extractor
+    from .parquet import features_table, write_table
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    extractor = Extractor.open(args.engine, backend=args.backend, threads=args.threads)
+    started = time.perf_counter()
+    features = extractor.extract([str(p) for p in args.images], batch_size=args.batch_size)
+    seconds = time.perf_counter() - started
+    metadata = {
+        "interactive.engine": str(args.engine),
+        "interactive.weights": extractor.manifest.data["weights"]["source"],
+        "interactive.manifest": json.dumps(
+            {k: v for k, v in extractor.manifest.data.items() if k not in ("weights", "buckets")}
+        ),
+    }
+    path = write_table(
+        features_table([str(p) for p in args.images], features, metadata), args.output
+    )
+    n, failed = len(args.images), len(features.errors)
+    by_bucket = Counter(format_size(b) for b in features.buckets if b)
+    print(
+        f"{n - failed}/{n} images in {seconds:.1f} s ({n / seconds:.2f} images/s), "
+        f"{failed} failed; buckets: {dict(by_bucket)}; wrote {path}"
+    )
+    for _, reason in sorted(features.errors.items()):
+        print(f"  failed: {reason}", file=sys.stderr)
+    return EXIT_PARTIAL if failed else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,390 @@
+"""Decoding input images into RGB pixel arrays at their bucket size (ALGORITHM.md section 2.1-2.2).
+
+Every failure caused by the input itself (missing or empty file, not an image, truncated data,
+decompression bomb, unsupported array) is an ``ImageError`` whose message names the input and the
+reason, so a batch run can log it and go on with the next image.
+
+Policies a caller may care about:
+
+- Orientation: the EXIF orientation tag (and XMP ``tiff:Orientation``) is applied; sizes are the
+  displayed sizes.
+- Alpha and transparency are dropped, not composited onto a background: the colour stored under a
+  transparent pixel is kept.
+- Colour profiles (ICC) are ignored; CMYK uses Pillow's plain CMYK -> RGB conversion.
+- 16-bit greyscale (``I;16*``) is scaled to 8 bits with 65535 -> 255; mode ``I`` (32-bit) is read
+  as 16-bit data (clipped to 0..65535, then scaled); mode ``F`` is read on Pillow's 0..255 scale.
+- Animations: only the first frame is used.
+- Only numpy and Pillow are used; this module must never import torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import stat
+import struct
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeAlias
+
+import numpy as np
+from PIL import ExifTags, Image, ImageOps
+
+ImageSource: TypeAlias = str | os.PathLike[str] | bytes | np.ndarray
+
+DEFAULT_MAX_PIXELS = 100_000_000
+
+# EXIF orientations 5-8 rotate by 90 degrees: stored width is displayed height.
+_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+# Formats decoded by libjpeg, whose DCT scaling Pillow exposes through Image.draft.
+_DRAFT_FORMATS = frozenset({"JPEG", "MPO"})
+# Pillow's plugins signal corrupt or truncated data with many exception types; any of these
+# raised while decoding is the file's fault, not the caller's.
+_DECODE_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    struct.error,
+    IndexError,
+    KeyError,
+    Image.DecompressionBombError,
+)
+
+
+class ImageError(ValueError):
+    """An input that cannot be turned into RGB pixels; ``str()`` is ``"<input>: <reason>"``.
+
+    ``label`` is ``describe(source)``, ``reason`` says what is wrong. Picklable (batch workers
+    send it between processes).
+    """
+
+    def __init__(self, label: str, reason: str) -> None:
+        # Both go into args so that pickling rebuilds the same error.
+        super().__init__(label, reason)
+        self.label = label
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.label}: {self.reason}"
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedImage:
+    """An image ready for the network.
+
+    ``pixels``: HxWx3 uint8 RGB at the bucket size (H = bucket[1], W = bucket[0]).
+    ``width``, ``height``: the original displayed size (after EXIF orientation), before any draft
+    reduction or resize. ``bucket``: ``(W, H)`` as returned by the bucket function.
+    """
+
+    pixels: np.ndarray
+    width: int
+    height: int
+    bucket: tuple[int, int]
+
+
+def describe(source: object) -> str:
+    """A short label for ``source`` in messages.
+
+    The path, ``<bytes 1234>``, ``<array 3x4x3 uint8>``, or ``<TypeName>`` for anything else.
+    """
+    if isinstance(source, np.ndarray):
+        shape = "x".join(str(n) for n in source.shape)
+        return f"<array {shape} {source.dtype}>"
+    if isinstance(source, bytes | bytearray | memoryview):
+        return f"<bytes {len(source)}>"
+    if isinstance(source, str | os.PathLike):
+        return os.fsdecode(source)
+    return f"<{type(source).__name__}>"
+
+
+# --------------------------------------------------------------------------------------------
+# Opening (header only)
+
+
+def _stat_file(path: str, label: str) -> None:
+    """Turn the common file-level problems into clear reasons before Pillow sees the file."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ImageError(label, "no such file") from None
+    except PermissionError:
+        raise ImageError(label, "permission denied") from None
+    except OSError as e:
+        raise ImageError(label, f"cannot read file: {e.strerror or e}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ImageError(label, "is a directory, not an image file")
+    if info.st_size == 0:
+        raise ImageError(label, "empty file")
+
+
+def _file_object(source: object, label: str) -> str | io.BytesIO:
+    if isinstance(source, bytes | bytearray | memoryview):
+        if len(source) == 0:
+            raise ImageError(label, "empty data (0 bytes)")
+        return io.BytesIO(bytes(source))
+    if isinstance(source, str | os.PathLike):
+        path = os.fsdecode(source)
+        _stat_file(path, label)
+        return path
+    raise ImageError(label, "unsupported input type (expected a path, bytes or a numpy array)")
+
+
+def _check_pixels(size: tuple[int, int], label: str, max_pixels: int) -> None:
+    w, h = size
+    if w <= 0 or h <= 0:
+        raise ImageError(label, f"image has no pixels ({w}x{h})")
+    if w * h > max_pixels:
+        raise ImageError(
+            label,
+            f"refused as a possible decompression bomb: {w}x{h} = {w * h} pixels "
+            f"exceeds the limit of {max_pixels}",
+        )
+
+
+@contextlib.contextmanager
+def _opened(source: object, label: str, max_pixels: int) -> Iterator[Image.Image]:
+    """Open ``source`` (header only) and refuse it if it claims more than ``max_pixels``."""
+    fp = _file_object(source, label)
+    try:
+        # Our own limit below is the one that decides; Pillow's warning (at its smaller
+        # MAX_IMAGE_PIXELS) must not leak to the caller. Its hard error (twice that) still fires.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(fp)
+    except Image.UnidentifiedImageError:
+        raise ImageError(label, "not an image (cannot identify format)") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(label, f"refused as a possible decompression bomb: {e}") from None
+    except FileNotFoundError:
+        # The file vanished between the stat and the open.
+        raise ImageError(label, "no such file") from None
+    except _DECODE_ERRORS as e:
+        raise ImageError(label, f"corrupt image header: {e}") from None
+    with im:
+        _check_pixels(im.size, label, max_pixels)
+        yield im
+
+
+def _header_orientation(im: Image.Image, label: str) -> int:
+    """The EXIF orientation (1-8) as far as it is known without decoding pixels.
+
+    PNG keeps EXIF in an eXIf chunk that may follow the pixel data, and Pillow's PNG ``getexif``
+    decodes the whole image to find it; when it has not been seen yet, 1 is assumed here (the
+    decode step still applies the real orientation).
+    """
+    if im.format == "PNG" and "exif" not in im.info:
+        return 1
+    try:
+        value = im.getexif().get(ExifTags.Base.Orientation, 1)
+    except _DECODE_ERRORS as e:
+        raise ImageError(label, f"corrupt EXIF data: {e}") from None
+    return value if isinstance(value, int) else 1
+
+
+def _displayed_size(im: Image.Image, label: str) -> tuple[int, int]:
+    w, h = im.size
+    if _header_orientation(im, label) in _SWAPPING_ORIENTATIONS:
+        return h, w
+    return w, h
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_size(name: str, size: object) -> tuple[int, int]:
+    if isinstance(size, tuple) and len(size) == 2:
+        w, h = size
+        if _is_positive_int(w) and _is_positive_int(h):
+            return w, h
+    raise ValueError(f"{name} must be a (width, height) tuple of positive ints, got {size!r}")
+
+
+def _apply_draft(im: Image.Image, min_size: tuple[int, int] | None, label: str) -> bool:
+    """Let libjpeg decode a JPEG at 1/2, 1/4 or 1/8 scale, never below ``min_size``.
+
+    ``min_size`` is in displayed orientation; the draft works on the stored image, so it is swapped
+    for EXIF orientations 5-8. Returns whether a draft was requested.
+    """
+    if min_size is None or im.format not in _DRAFT_FORMATS:
+        return False
+    min_w, min_h = min_size
+    if _header_orientation(im, label) in _SWAPPING_ORIENTATIONS:
+        min_w, min_h = min_h, min_w
+    w, h = im.size
+    if w < 2 * min_w or h < 2 * min_h:
+        return False
+    # Pillow picks the largest scale 1/s with s <= min(w // min_w, h // min_h), so each decoded
+    # side, ceil(side / s), stays >= the requested one.
+    im.draft("RGB", (min_w, min_h))
+    return True
+
+
+def _decode(
+    im: Image.Image, label: str, min_size: tuple[int, int] | None
+) -> tuple[Image.Image, bool]:
+    """Decode the first frame, apply EXIF orientation; returns (image, whether drafted)."""
+    drafted = _apply_draft(im, min_size, label)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im.load()
+            ImageOps.exif_transpose(im, in_place=True)
+    except _DECODE_ERRORS as e:
+        raise ImageError(label, f"truncated or corrupt image data: {e}") from None
+    return im, drafted
+
+
+def _grey_to_rgb(grey: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+
+
+def _scale_16bit(values: np.ndarray) -> np.ndarray:
+    """0..65535 -> 0..255 with rounding (65535 -> 255); Pillow's own convert clips instead."""
+    v = np.clip(values, 0, 65535).astype(np.uint32)
+    return ((v * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _float_to_uint8(values: np.ndarray) -> np.ndarray:
+    v = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+    return np.rint(np.clip(v, 0.0, 255.0)).astype(np.uint8)
+
+
+def _to_rgb_array(im: Image.Image, label: str) -> np.ndarray:
+    """Any Pillow mode -> HxWx3 uint8 RGB, C-contiguous and writable."""
+    mode = im.mode
+    if mode == "I" or mode.startswith("I;16"):
+        return _grey_to_rgb(_scale_16bit(np.asarray(im)))
+    if mode == "F":
+        return _grey_to_rgb(_float_to_uint8(np.asarray(im)))
+    if mode != "RGB":
+        try:
+            if "transparency" in im.info:
+                # Via RGBA: Pillow warns when converting a palette image with per-entry
+                # transparency straight to RGB. The alpha is then dropped like any other.
+                im = im.convert("RGBA")
+            im = im.convert("RGB")
+        except ValueError as e:
+            raise ImageError(label, f"unsupported image mode {mode}: {e}") from None
+    return np.array(im, dtype=np.uint8)
+
+
+def _check_array(pixels: np.ndarray, label: str) -> None:
+    if pixels.dtype != np.uint8:
+        raise ImageError(label, f"unsupported array dtype {pixels.dtype} (expected uint8)")
+    if not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] in (3, 4))):
+        raise ImageError(label, "unsupported array shape (expected HxW, HxWx3 or HxWx4)")
+    if pixels.shape[0] == 0 or pixels.shape[1] == 0:
+        raise ImageError(label, "empty array (no pixels)")
+
+
+def _array_to_rgb(pixels: np.ndarray, label: str) -> np.ndarray:
+    _check_array(pixels, label)
+    if pixels.ndim == 2:
+        return _grey_to_rgb(pixels)
+    if pixels.shape[2] == 3 and pixels.flags.c_contiguous:
+        return pixels
+    return np.ascontiguousarray(pixels[:, :, :3])
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+
+
+def image_size(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) as displayed (after EXIF orientation), from the header only: fast.
+
+    Raises ImageError for anything ``load_image`` would refuse before decoding (missing, empty or
+    unidentifiable file, more than ``max_pixels`` pixels); truncated pixel data is only found by
+    ``load_image``. For a PNG whose EXIF follows the pixel data the orientation is not seen here.
+    """
+    label = describe(source)
+    if isinstance(source, np.ndarray):
+        _check_array(source, label)
+        return int(source.shape[1]), int(source.shape[0])
+    with _opened(source, label, max_pixels) as im:
+        return _displayed_size(im, label)
+
+
+def load_image(
+    source: ImageSource,
+    *,
+    min_size: tuple[int, int] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """Decode ``source`` into an HxWx3 uint8 RGB array (C-contiguous), EXIF orientation applied.
+
+    ``source``: a path, the encoded bytes of an image file, or an array (HxWx3 uint8 is returned as
+    is, HxW uint8 is replicated to 3 channels, HxWx4 uint8 loses its alpha).
+
+    ``min_size=(W, H)``, in displayed orientation (normally the bucket), lets a JPEG at least twice
+    as large in both sides be decoded at a reduced DCT scale (1/2, 1/4 or 1/8) that is still at
+    least ``min_size``; the result is then not the full size. Ignored for other formats and arrays.
+
+    Images with more than ``max_pixels`` pixels are refused from the header, before decoding
+    (Pillow's own hard limit, twice ``PIL.Image.MAX_IMAGE_PIXELS``, also applies). Raises
+    ImageError for bad inputs, ValueError for a malformed ``min_size``.
+    """
+    label = describe(source)
+    if min_size is not None:
+        _check_size("min_size", min_size)
+    if isinstance(source, np.ndarray):
+        return _array_to_rgb(source, label)
+    with _opened(source, label, max_pixels) as im:
+        decoded, _ = _decode(im, label, min_size)
+        return _to_rgb_array(decoded, label)
+
+
+def resize_to(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize HxWx3 uint8 ``pixels`` to ``size = (W, H)``: bilinear, antialiased when shrinking.
+
+    Returns ``pixels`` itself (no resampling, no copy) when it already has that size.
+    """
+    w, h = _check_size("size", size)
+    label = describe(pixels)
+    if not isinstance(pixels, np.ndarray) or pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ImageError(label, "resize_to needs an HxWx3 uint8 array")
+    _check_array(pixels, label)
+    if pixels.shape[:2] == (h, w):
+        return pixels
+    # Pillow widens the bilinear kernel by the shrink factor: that is the antialiasing.
+    resized = Image.fromarray(pixels).resize((w, h), Image.Resampling.BILINEAR)
+    return np.array(resized, dtype=np.uint8)
+
+
+def prepare_image(
+    source: ImageSource,
+    bucket_fn: Callable[[int, int], tuple[int, int]],
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> PreparedImage:
+    """Decode ``source`` and resize it to ``bucket_fn(width, height)`` (the displayed size).
+
+    The file is opened once: the bucket comes from the header, then the JPEG is decoded with
+    ``min_size=bucket`` (see ``load_image``) and resized to the bucket. Raises ImageError for bad
+    inputs.
+    """
+    label = describe(source)
+    if isinstance(source, np.ndarray):
+        pixels = _array_to_rgb(source, label)
+        size = (pixels.shape[1], pixels.shape[0])
+        bucket = bucket_fn(*size)
+    else:
+        with _opened(source, label, max_pixels) as im:
+            size = _displayed_size(im, label)
+            bucket = bucket_fn(*size)
+            decoded, drafted = _decode(im, label, min_size=bucket)
+            if not drafted and decoded.size != size:
+                # The orientation was only found while decoding (PNG eXIf after the pixels).
+                size = decoded.size
+                bucket = bucket_fn(*size)
+            pixels = _to_rgb_array(decoded, label)
+    return PreparedImage(resize_to(pixels, bucket), size[0], size[1], bucket)

@@ -1,0 +1,129 @@
+"""`manifest.json`: the only contract between the export stage and the runtime.
+
+The exporter writes it after every bucket (atomically, so a crash never leaves a half-written
+file); the runtime reads nothing else to know what a directory holds and how to feed it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .buckets import bucket_for, format_size
+
+MANIFEST_FILE = "manifest.json"
+FORMAT = "interactive-engine/1"
+
+
+def heatmap_name(layer: str) -> str:
+    """The output name of a layer's heatmap (gamma-hat)."""
+    return f"{layer}.heatmap"
+
+
+class EngineError(ValueError):
+    """An engine directory is missing, malformed or lacks what the caller asked for."""
+
+
+class MissingBucketError(EngineError):
+    """The image's bucket has no exported graph; the message says how to export it."""
+
+    def __init__(self, message: str, bucket: tuple[int, int]) -> None:
+        super().__init__(message)
+        self.bucket = bucket
+
+
+@dataclass
+class EngineManifest:
+    directory: Path
+    data: dict[str, Any]
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> EngineManifest:
+        path = Path(directory)
+        if not path.is_dir():
+            raise EngineError(f"engine directory {str(path)!r} does not exist")
+        file = path / MANIFEST_FILE
+        if not file.is_file():
+            raise EngineError(
+                f"{str(path)!r} is not an engine directory (no {MANIFEST_FILE}); create one with "
+                f"`interactive export --out {shlex.quote(str(path))}`"
+            )
+        try:
+            data = json.loads(file.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise EngineError(f"{file}: unreadable manifest ({err})") from err
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise EngineError(f"{file}: not an {FORMAT} manifest")
+        return cls(path, data)
+
+    @property
+    def layers(self) -> list[str]:
+        return [layer["name"] for layer in self.data["layers"]]
+
+    @property
+    def layer_dims(self) -> dict[str, int]:
+        return {layer["name"]: int(layer["dim"]) for layer in self.data["layers"]}
+
+    @property
+    def outputs(self) -> list[str]:
+        return list(self.data["outputs"])
+
+    @property
+    def input_name(self) -> str:
+        return str(self.data["input"]["name"])
+
+    @property
+    def buckets(self) -> list[tuple[int, int]]:
+        entries = self.data["buckets"].values()
+        return sorted((int(b["width"]), int(b["height"])) for b in entries)
+
+    def bucket_for(self, width: int, height: int) -> tuple[int, int]:
+        """The (W, H) every image of this size is resized to under this engine's rule."""
+        rule = self.data["bucket_rule"]
+        if rule["kind"] == "fixed":
+            if width < 1 or height < 1:
+                raise ValueError(f"image size must be positive, got {width}x{height}")
+            return int(rule["width"]), int(rule["height"])
+        return bucket_for(width, height, int(rule["area"]))
+
+    def bucket_path(self, bucket: tuple[int, int]) -> Path:
+        entry = self.data["buckets"].get(format_size(bucket))
+        if entry is None:
+            raise MissingBucketError(
+                f"bucket {format_size(bucket)} has no exported graph in {self.directory}; add it "
+                f"with: {self.export_command([bucket])}",
+                bucket,
+            )
+        return self.directory / entry["file"]
+
+    def export_command(self, buckets: list[tuple[int, int]]) -> str:
+        """The exact `interactive export` command that adds `buckets` to this directory."""
+        e = self.data["export"]
+        args = ["interactive", "export", "--arch", e["arch"], "--weights", e["weights"]]
+        args += ["--config", e["config"], "--p", str(e["p"]), "--layers", ",".join(e["layers"])]
+        if e.get("width_div", 1) != 1:
+            args += ["--width-div", str(e["width_div"])]
+        if e.get("heatmaps"):
+            args.append("--heatmaps")
+        if e.get("fixed"):
+            args += ["--fixed", e["fixed"]]
+        else:
+            args += ["--area", str(e["area"])]
+        args += ["--buckets", ",".join(format_size(b) for b in buckets)]
+        args += ["--out", str(self.directory)]
+        return shlex.join(args)
+
+
+def write_manifest(directory: Path, data: dict[str, Any]) -> None:
+    """Atomically replace DIR/manifest.json (write a temporary file, fsync, rename)."""
+    tmp = directory / f".{MANIFEST_FILE}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, directory / MANIFEST_FILE)

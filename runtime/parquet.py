@@ -1,0 +1,67 @@
+"""Writing features to Parquet: one row per image, one fixed-size float32 list column per layer."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .api import Features
+from .buckets import format_size
+
+
+def features_table(
+    paths: Sequence[str], features: Features, metadata: dict[str, str] | None = None
+) -> pa.Table:
+    """Columns path, width, height, bucket, one `fixed_size_list<float32>[D]` per layer, status.
+
+    Failed rows have null features and `status` = the error; the matrix of a layer loads back
+    without per-row copies (`table[layer].combine_chunks().flatten()` reshaped to [N, D]).
+    """
+    ok = features.ok
+    columns: dict[str, Any] = {
+        "path": pa.array([str(p) for p in paths], pa.string()),
+        "width": pa.array([s[0] if s else None for s in features.sizes], pa.int32()),
+        "height": pa.array([s[1] if s else None for s in features.sizes], pa.int32()),
+        "bucket": pa.array([format_size(b) if b else None for b in features.buckets], pa.string()),
+    }
+    for layer, rows in features.layers.items():
+        values = pa.array(np.ascontiguousarray(rows, dtype=np.float32).reshape(-1))
+        columns[layer] = pa.FixedSizeListArray.from_arrays(
+            values, rows.shape[1], mask=pa.array(~ok)
+        )
+    columns["status"] = pa.array(
+        [features.errors.get(i, "ok") for i in range(len(paths))], pa.string()
+    )
+    table = pa.table(columns)
+    if metadata:
+        table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in metadata.items()})
+    return table
+
+
+def write_table(table: pa.Table, path: str | os.PathLike[str]) -> Path:
+    """Write to a temporary name beside `path` and rename: readers never see a partial file."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, target)
+    return target
+
+
+def layer_matrix(table: pa.Table, layer: str) -> np.ndarray:
+    """float32 [N, D] of one layer column, null rows as NaN; no copy when there are no nulls."""
+    column = table[layer].combine_chunks()
+    size = column.type.list_size
+    # .values keeps the slots of null rows (flatten() would drop them); mind a sliced column.
+    values = column.values.slice(column.offset * size, len(column) * size)
+    rows = values.to_numpy(zero_copy_only=False).reshape(-1, size)
+    if column.null_count:
+        rows = rows.copy()
+        rows[~column.is_valid().to_numpy(zero_copy_only=False)] = np.nan
+    return rows

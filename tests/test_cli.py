@@ -1,0 +1,90 @@
+"""The command line: export -> extract -> Parquet read back with pyarrow, on real photos."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from interactive.runtime import Extractor
+from interactive.runtime.cli import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, main
+from interactive.runtime.parquet import layer_matrix
+
+from conftest import NARROW, photos
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "interactive.runtime.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("command", [[], ["export"], ["buckets"], ["extract"]])
+def test_help_everywhere(command: list[str]) -> None:
+    result = run(*command, "--help")
+    assert result.returncode == 0 and "usage: interactive" in result.stdout
+
+
+def test_buckets(capsys: pytest.CaptureFixture) -> None:
+    assert main(["buckets", "500x375", "375x500", "640x360", "512x512"]) == EXIT_OK
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        "500x375 -> 576x448",
+        "375x500 -> 448x576",
+        "640x360 -> 672x384",
+        "512x512 -> 512x512",
+    ]
+    assert main(["buckets", "--json"]) == EXIT_OK
+    assert len(json.loads(capsys.readouterr().out)) == 61
+    assert main(["buckets", "--area", "256"]) == EXIT_OK
+    assert "5 buckets" in capsys.readouterr().out
+
+
+def test_usage_and_fatal_exit_codes(tmp_path: Path) -> None:
+    assert run("extract").returncode == EXIT_USAGE
+    assert run("buckets", "500by375").returncode == EXIT_FATAL
+    result = run("extract", "--engine", str(tmp_path), "-o", str(tmp_path / "x.parquet"), "a.jpg")
+    assert result.returncode == EXIT_FATAL
+    assert "not an engine directory" in result.stderr
+
+
+def test_export_extract_parquet_round_trip(tmp_path: Path) -> None:
+    engine = tmp_path / "engine"
+    result = run(
+        "export", "--out", str(engine), "--weights", "random:0", "--width-div", str(NARROW),
+        "--area", "256", "--buckets", "256x256,288x224", "--layers", "pool-2,conv-4-3,fc-6",
+    )  # fmt: skip
+    assert result.returncode == EXIT_OK, result.stderr
+    assert "[2/2] 288x224" in result.stderr and "max rel err" in result.stderr
+    images = [p for p in photos() if p.name.startswith(("coffee", "chelsea"))]  # bucket 288x224
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(images[0].read_bytes()[:500])
+    out = tmp_path / "features.parquet"
+    result = run("extract", "--engine", str(engine), "-o", str(out), *map(str, images), str(broken))
+    assert result.returncode == EXIT_PARTIAL, result.stderr
+    assert f"{len(images)}/{len(images) + 1} images" in result.stdout
+
+    table = pq.read_table(out)
+    assert table.column_names == [
+        "path", "width", "height", "bucket", "pool-2", "conv-4-3", "fc-6", "status",
+    ]  # fmt: skip
+    assert table["status"].to_pylist() == ["ok"] * len(images) + [table["status"][-1].as_py()]
+    assert "truncated" in table["status"][-1].as_py()
+    assert table["bucket"].to_pylist()[: len(images)] == ["288x224"] * len(images)
+    assert table.schema.field("fc-6").type.list_size == 4096 // NARROW
+    with Extractor.open(engine) as ex:
+        feats = ex.extract([str(p) for p in images])
+    for layer in ("pool-2", "conv-4-3", "fc-6"):
+        matrix = layer_matrix(table, layer)
+        assert matrix.dtype == np.float32
+        np.testing.assert_array_equal(matrix[: len(images)], feats[layer])
+        assert np.isnan(matrix[-1]).all()
+    meta = table.schema.metadata
+    assert meta[b"interactive.weights"] == b"random:0"
+
+    result = run("extract", "--engine", str(engine), "-o", str(out), *map(str, images))
+    assert result.returncode == EXIT_OK
