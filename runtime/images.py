@@ -38,6 +38,9 @@ DEFAULT_MAX_PIXELS = 100_000_000
 
 # EXIF orientations 5-8 rotate by 90 degrees: stored width is displayed height.
 _SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+# Raster photo formats only: Pillow would otherwise hand EPS/PDF-like inputs to external programs
+# (Ghostscript), an attack route for a service that reads untrusted files.
+PHOTO_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")  # JPEG opens MPO too
 # Formats decoded by libjpeg, whose DCT scaling Pillow exposes through Image.draft.
 _DRAFT_FORMATS = frozenset({"JPEG", "MPO"})
 # Pillow's plugins signal corrupt or truncated data with many exception types; any of these
@@ -154,7 +157,8 @@ def _opened(source: object, label: str, max_pixels: int) -> Iterator[Image.Image
         # MAX_IMAGE_PIXELS) must not leak to the caller. Its hard error (twice that) still fires.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(fp)
+            Image.init()  # registers every plugin (MPO, TIFF, WEBP); cheap after the first call
+            im = Image.open(fp, formats=PHOTO_FORMATS)
     except Image.UnidentifiedImageError:
         raise ImageError(label, "not an image (cannot identify format)") from None
     except Image.DecompressionBombError as e:

@@ -467,3 +467,11 @@ def test_runtime_does_not_import_torch() -> None:
         "sys.exit('torch' in sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_non_photo_formats_are_refused(tmp_path: Path) -> None:
+    """EPS would be handed to Ghostscript: only raster photo formats are opened."""
+    path = tmp_path / "drawing.eps"
+    Image.new("RGB", (8, 8), "red").save(path, format="EPS")
+    with pytest.raises(ImageError, match="not an image"):
+        load_image(path)
