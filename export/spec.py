@@ -96,14 +96,16 @@ def units(arch: str, width_div: int = 1) -> list[Unit]:
         raise ValueError(f"width_div must divide 64, got {width_div}")
     out: list[Unit] = []
     block, index, channels = 1, 1, 3
-    for i, c in enumerate(VGG_CFGS[arch]):
+    module = 0  # index in torchvision's `features` Sequential: conv, ReLU, ..., MaxPool
+    for c in VGG_CFGS[arch]:
         if c == "M":
             out.append(Unit(f"pool-{block}", "pool", channels, channels))
-            block, index = block + 1, 1
+            block, index, module = block + 1, 1, module + 1
             continue
         width = int(c) // width_div
-        out.append(Unit(f"conv-{block}-{index}", "conv", channels, width, 3, 1, f"features.{i}"))
-        channels, index = width, index + 1
+        key = f"features.{module}"
+        out.append(Unit(f"conv-{block}-{index}", "conv", channels, width, 3, 1, key))
+        channels, index, module = width, index + 1, module + 2
     fc = FC_WIDTH // width_div
     out.append(Unit("fc-6", "conv", channels, fc, 7, 0, "classifier.0"))
     out.append(Unit("fc-7", "conv", fc, fc, 1, 0, "classifier.3"))
@@ -156,9 +158,9 @@ def load_state_dict(weights: str, arch: str, width_div: int = 1) -> dict[str, to
         if not seed_text.isdigit():
             raise ValueError(f"--weights {weights!r}: expected random:SEED with an integer SEED")
         return random_state_dict(arch, int(seed_text), width_div)
-    if width_div != 1:
-        raise ValueError("narrow networks (width_div > 1) only exist with random:SEED weights")
     if weights == "imagenet":
+        if width_div != 1:
+            raise ValueError("the ImageNet weights are full width: drop the width divisor")
         return _imagenet_state_dict(arch)
     path = Path(weights)
     if not path.is_file():
