@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 import torch
 
-from interactive.runtime.backends import ort_session
+from interactive.runtime.backends import ort_session, shared_initializers
 from interactive.runtime.buckets import all_buckets, common_buckets, format_size, parse_size
 from interactive.runtime.manifest import (
     FORMAT,
@@ -33,7 +33,6 @@ from interactive.runtime.manifest import (
     EngineManifest,
     write_manifest,
 )
-from interactive.runtime.weights import mapped_weights
 
 from .graph import AnalyticGraph
 from .reference import IMAGENET_MEAN, IMAGENET_STD, reference_features
@@ -267,8 +266,7 @@ def validate_bucket(
     width, height = bucket
     rng = np.random.default_rng(width * 10007 + height)
     image = rng.integers(0, 256, size=(1, height, width, 3), dtype=np.uint8)
-    mapped = mapped_weights(weights.path, weights.tensors)
-    initializers = {n: _ortvalue(a) for n, a in mapped.arrays.items()}
+    initializers = shared_initializers(weights.path, weights.tensors)
     session = ort_session(model, initializers, providers=["CPUExecutionProvider"])
     got = dict(
         zip(spec.output_names(), session.run(spec.output_names(), {INPUT_NAME: image}), strict=True)
@@ -297,12 +295,6 @@ def relative_error(got: np.ndarray, want: np.ndarray) -> float:
     denom = float(np.linalg.norm(want.astype(np.float64)))
     diff = float(np.linalg.norm(got.astype(np.float64) - want.astype(np.float64)))
     return diff / denom if denom > 0 else diff
-
-
-def _ortvalue(array: np.ndarray) -> Any:
-    import onnxruntime
-
-    return onnxruntime.OrtValue.ortvalue_from_numpy(array)
 
 
 def _record(

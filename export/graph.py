@@ -41,7 +41,11 @@ class AnalyticGraph(nn.Module):
     """
 
     def __init__(
-        self, spec: FeatureSpec, state_dict: dict[str, torch.Tensor], seed_scale: float = 1.0
+        self,
+        spec: FeatureSpec,
+        state_dict: dict[str, torch.Tensor],
+        seed_scale: float = 1.0,
+        flipped_backward: bool = True,
     ) -> None:
         super().__init__()
         self.spec = spec
@@ -56,6 +60,17 @@ class AnalyticGraph(nn.Module):
                 w, b = conv_weights(state_dict, u)
                 self.register_buffer(self._key(i, "weight"), w)
                 self.register_buffer(self._key(i, "bias"), b)
+        # The 3x3 backward steps as convolutions with flipped, transposed kernels: faster than
+        # ConvTranspose in ONNX Runtime (bench/RESULTS.md) for one extra copy of those weights
+        # (56 MB for VGG-16; fc-6/fc-7 keep ConvTranspose, whose copies would cost 470 MB).
+        self.flipped = {
+            i for i in self._backward_convs() if flipped_backward and self.units[i].kernel == 3
+        }
+        for i in sorted(self.flipped):
+            w = self._param(i, "weight")
+            self.register_buffer(
+                self._key(i, "weight_flipped"), w.flip(2, 3).transpose(0, 1).contiguous()
+            )
         for k in sorted({u.kernel for u in self.units if u.kernel > 1}):
             self.register_buffer(f"box_{k}x{k}", torch.ones(1, 1, k, k))
 
@@ -126,7 +141,21 @@ class AnalyticGraph(nn.Module):
                 if i - 1 in self.requested:
                     self._collect_below_conv(i, g, maps, out)
                 if i - 1 > low:
-                    grad = F.conv_transpose2d(g, self._param(i, "weight"), padding=u.padding)
+                    grad = self._down_through(i, g)
+
+    def _backward_convs(self) -> list[int]:
+        """Conv/fc units whose gradient is passed further down (config `last` only)."""
+        if self.spec.config != "last":
+            return []
+        return [i for i in range(self.low + 2, self.deepest + 1) if not self.units[i].is_pool]
+
+    def _down_through(self, i: int, g: torch.Tensor) -> torch.Tensor:
+        """d lnf / d X_{i-1} from the masked gradient g of conv/fc unit i."""
+        u = self.units[i]
+        if i in self.flipped:
+            padding = u.kernel - 1 - u.padding
+            return F.conv2d(g, self._param(i, "weight_flipped"), padding=padding)
+        return F.conv_transpose2d(g, self._param(i, "weight"), padding=u.padding)
 
     def _collect_below_conv(
         self, i: int, g: torch.Tensor, maps: dict[int, torch.Tensor], out: dict[str, torch.Tensor]

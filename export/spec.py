@@ -13,52 +13,10 @@ import torch
 
 from interactive.runtime.manifest import heatmap_name
 
-# torchvision's configurations: an int is a 3x3 conv with that many channels, "M" a 2x2 max pool.
-VGG_CFGS: dict[str, list[int | str]] = {
-    "vgg16": [
-        64,
-        64,
-        "M",
-        128,
-        128,
-        "M",
-        256,
-        256,
-        256,
-        "M",
-        512,
-        512,
-        512,
-        "M",
-        512,
-        512,
-        512,
-        "M",
-    ],
-    "vgg19": [
-        64,
-        64,
-        "M",
-        128,
-        128,
-        "M",
-        256,
-        256,
-        256,
-        256,
-        "M",
-        512,
-        512,
-        512,
-        512,
-        "M",
-        512,
-        512,
-        512,
-        512,
-        "M",
-    ],  # fmt: skip
-}
+# Convs per block; every conv is 3x3 with the block's width, every block ends in a 2x2 max pool
+# (torchvision's configurations "D" and "E").
+BLOCK_WIDTHS = (64, 128, 256, 512, 512)
+VGG_BLOCKS: dict[str, tuple[int, ...]] = {"vgg16": (2, 2, 3, 3, 3), "vgg19": (2, 2, 4, 4, 4)}
 FC_WIDTH = 4096
 IMAGENET_URLS = {
     "vgg16": "https://download.pytorch.org/models/vgg16-397923af.pth",
@@ -84,8 +42,8 @@ class Unit:
 
 
 def check_arch(arch: str) -> str:
-    if arch not in VGG_CFGS:
-        raise ValueError(f"unknown arch {arch!r}: expected one of {sorted(VGG_CFGS)}")
+    if arch not in VGG_BLOCKS:
+        raise ValueError(f"unknown arch {arch!r}: expected one of {sorted(VGG_BLOCKS)}")
     return arch
 
 
@@ -95,17 +53,16 @@ def units(arch: str, width_div: int = 1) -> list[Unit]:
     if width_div < 1 or 64 % width_div:
         raise ValueError(f"width_div must divide 64, got {width_div}")
     out: list[Unit] = []
-    block, index, channels = 1, 1, 3
-    module = 0  # index in torchvision's `features` Sequential: conv, ReLU, ..., MaxPool
-    for c in VGG_CFGS[arch]:
-        if c == "M":
-            out.append(Unit(f"pool-{block}", "pool", channels, channels))
-            block, index, module = block + 1, 1, module + 1
-            continue
-        width = int(c) // width_div
-        key = f"features.{module}"
-        out.append(Unit(f"conv-{block}-{index}", "conv", channels, width, 3, 1, key))
-        channels, index, module = width, index + 1, module + 2
+    channels, module = 3, 0  # module: index in torchvision's `features` (conv, ReLU, ..., pool)
+    for block, (convs, width) in enumerate(zip(VGG_BLOCKS[arch], BLOCK_WIDTHS, strict=True), 1):
+        for index in range(1, convs + 1):
+            key = f"features.{module}"
+            out.append(
+                Unit(f"conv-{block}-{index}", "conv", channels, width // width_div, 3, 1, key)
+            )
+            channels, module = width // width_div, module + 2
+        out.append(Unit(f"pool-{block}", "pool", channels, channels))
+        module += 1
     fc = FC_WIDTH // width_div
     out.append(Unit("fc-6", "conv", channels, fc, 7, 0, "classifier.0"))
     out.append(Unit("fc-7", "conv", fc, fc, 1, 0, "classifier.3"))

@@ -23,7 +23,7 @@ from interactive.export.reference import reference_features
 from interactive.export.spec import PAPER_LAYERS, FeatureSpec
 from interactive.export.weights_file import SharedWeights, WeightsMismatchError
 from interactive.runtime import Extractor
-from interactive.runtime.backends import ort_session, shared_initializers
+from interactive.runtime.backends import engine_initializers, ort_session
 from interactive.runtime.manifest import EngineError, EngineManifest
 
 from conftest import NARROW, assert_close
@@ -95,7 +95,7 @@ def test_sessions_use_the_shared_weights_not_the_file(narrow_engine: Path, tmp_p
     size = (narrow_engine / "weights.bin").stat().st_size
     (tmp_path / "weights.bin").write_bytes(b"\0" * size)
     image = np.random.default_rng(5).integers(0, 256, (2, 256, 256, 3), dtype=np.uint8)
-    shared = ort_session(tmp_path / "bucket-256x256.onnx", shared_initializers(m))
+    shared = ort_session(tmp_path / "bucket-256x256.onnx", engine_initializers(m))
     zeroed = ort_session(tmp_path / "bucket-256x256.onnx")
     real = ort_session(narrow_engine / "bucket-256x256.onnx")
     feed = {"images": image}
@@ -197,4 +197,6 @@ def test_only_needed_units_are_exported(tmp_path: Path) -> None:
     nxt = ops("next", "conv-3-3,conv-5-1")  # next units pool-3 and conv-5-2
     assert nxt["Conv"] == 12 and nxt["ConvTranspose"] == 1  # the 3x3 box sum of conv-5-1 only
     last = ops("last", "conv-5-1")  # down through fc-7, fc-6, pool-5, conv-5-3 to conv-5-2
-    assert last["ConvTranspose"] == 3 + 1  # fc-7, fc-6, conv-5-3 + the box sum
+    # fc-7 and fc-6 by ConvTranspose, conv-5-3 by a flipped-kernel Conv, + the box sum
+    assert last["ConvTranspose"] == 2 + 1
+    assert last["Conv"] == 15 + 1  # 13 convs, fc-6 and fc-7 forward; conv-5-3 backward
