@@ -15,7 +15,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -69,7 +69,6 @@ class ExportRequest:
     fixed: str | None = None  # "224x224": the paper's ORIG baseline, one bucket for every image
     buckets: str = "common"  # "common", "all" or "WxH,WxH"
     validate: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def spec(self) -> FeatureSpec:
