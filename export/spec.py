@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from interactive.runtime.manifest import heatmap_name
+from interactive.runtime.manifest import PAPER_LAYERS, heatmap_name
 
 # Convs per block; every conv is 3x3 with the block's width, every block ends in a 2x2 max pool
 # (torchvision's configurations "D" and "E").
@@ -74,12 +74,6 @@ def unit_index(arch_units: list[Unit], name: str) -> int:
         if u.name == name:
             return i
     raise ValueError(f"unknown layer {name!r}: expected one of {[u.name for u in arch_units]}")
-
-
-# The paper's nine layers (ALGORITHM.md section 5); VGG-19 has the same names.
-PAPER_LAYERS = [
-    "pool-1", "pool-2", "conv-3-3", "pool-3", "conv-4-3", "pool-4", "conv-5-3", "pool-5", "fc-6",
-]  # fmt: skip
 
 
 def random_state_dict(arch: str, seed: int, width_div: int = 1) -> dict[str, torch.Tensor]:
@@ -175,7 +169,7 @@ class FeatureSpec:
     arch: str = "vgg16"
     config: str = "last"
     p: int = 2
-    layers: tuple[str, ...] = tuple(PAPER_LAYERS)
+    layers: tuple[str, ...] = PAPER_LAYERS
     width_div: int = 1
     heatmaps: bool = False
 

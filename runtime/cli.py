@@ -14,11 +14,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from .buckets import DEFAULT_AREA, all_buckets, bucket_for, format_size, parse_size
-from .manifest import EngineError
+from .buckets import all_buckets, bucket_for, format_size, parse_size
+from .manifest import PAPER_LAYERS, EngineError
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
-PAPER_LAYERS = "pool-1,pool-2,conv-3-3,pool-3,conv-4-3,pool-4,conv-5-3,pool-5,fc-6"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +67,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", default="last", choices=["last", "next", "orig-avg", "orig-max"])
     p.add_argument("--p", type=int, default=2, choices=[1, 2], help="score exponent")
-    p.add_argument("--layers", default=PAPER_LAYERS, help="comma-separated layer names")
+    p.add_argument("--layers", default=",".join(PAPER_LAYERS), help="comma-separated layer names")
     p.add_argument("--heatmaps", action="store_true", help="also output gamma-hat heatmaps")
     p.add_argument("--width-div", type=int, default=1, help="narrow network (tests): 2, 4, 8...")
     p.add_argument(
@@ -125,7 +124,7 @@ def _add_buckets(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_buckets(args: argparse.Namespace) -> int:
-    area = args.area * args.area if args.area else DEFAULT_AREA
+    area = args.area * args.area
     if args.sizes:
         rows = {s: format_size(bucket_for(*parse_size(s), area=area)) for s in args.sizes}
         if args.json:

@@ -19,9 +19,20 @@ MANIFEST_FILE = "manifest.json"
 FORMAT = "interactive-engine/1"
 
 
+HEATMAP_SUFFIX = ".heatmap"
+# The paper's nine layers (ALGORITHM.md section 5), the default everywhere.
+PAPER_LAYERS = (
+    "pool-1", "pool-2", "conv-3-3", "pool-3", "conv-4-3", "pool-4", "conv-5-3", "pool-5", "fc-6",
+)  # fmt: skip
+
+
 def heatmap_name(layer: str) -> str:
     """The output name of a layer's heatmap (gamma-hat)."""
-    return f"{layer}.heatmap"
+    return f"{layer}{HEATMAP_SUFFIX}"
+
+
+def is_heatmap(output: str) -> bool:
+    return output.endswith(HEATMAP_SUFFIX)
 
 
 class EngineError(ValueError):

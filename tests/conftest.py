@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from interactive.export.exporter import (
-    FP32_TOLERANCE,
-    HEATMAP_TOLERANCE,
     ExportRequest,
+    beyond_tolerance,
     export_engine,
     relative_error,
 )
 from interactive.export.spec import load_state_dict
+from interactive.runtime.manifest import is_heatmap
 
 DATA = Path(__file__).parent / "data"
 NARROW = 8
@@ -40,10 +40,9 @@ def assert_close(got: dict[str, np.ndarray], want: dict[str, torch.Tensor | np.n
         ref_np = ref.numpy() if isinstance(ref, torch.Tensor) else ref
         assert got[name].shape == ref_np.shape, name
         errors[name] = relative_error(np.asarray(got[name]), ref_np)
-    limit = {k: HEATMAP_TOLERANCE if k.endswith(".heatmap") else FP32_TOLERANCE for k in errors}
-    bad = {k: v for k, v in errors.items() if v > limit[k]}
+    bad = beyond_tolerance(errors)
     assert not bad, f"beyond tolerance: {bad}"
-    return max(v for k, v in errors.items() if not k.endswith(".heatmap"))
+    return max(v for k, v in errors.items() if not is_heatmap(k))
 
 
 @pytest.fixture(scope="session")

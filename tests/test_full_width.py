@@ -23,7 +23,7 @@ from interactive.runtime.parquet import layer_matrix
 from conftest import assert_close, photos
 
 pytestmark = pytest.mark.slow
-SPEC = FeatureSpec("vgg16", "last", 2, tuple(PAPER_LAYERS))
+SPEC = FeatureSpec("vgg16", "last", 2, PAPER_LAYERS)
 
 
 def export(out: Path, *args: str) -> None:

@@ -70,7 +70,7 @@ def test_any_layer_subset(layers: tuple[str, ...], config: str) -> None:
 
 
 def test_paper_layers_shapes() -> None:
-    spec = FeatureSpec("vgg16", "last", 2, tuple(PAPER_LAYERS), NARROW, heatmaps=True)
+    spec = FeatureSpec("vgg16", "last", 2, PAPER_LAYERS, NARROW, heatmaps=True)
     got, _ = run_both(spec, random_images(3, (288, 224), seed=1))
     for t in PAPER_LAYERS:
         assert got[t].shape == (3, spec.layer_dims()[t])

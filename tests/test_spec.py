@@ -70,4 +70,4 @@ def test_feature_spec_sizes() -> None:
     assert s.map_size("fc-6", 512, 512) == (10, 10)
     assert s.map_size("pool-5", 576, 448) == (18, 14)
     assert [u.name for u in units("vgg19")].count("conv-5-4") == 1
-    assert s.layers == tuple(PAPER_LAYERS)
+    assert s.layers == PAPER_LAYERS
