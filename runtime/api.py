@@ -13,7 +13,7 @@ import numpy as np
 from .backends import Backend, open_backend
 from .batching import batches_by_bucket
 from .images import DEFAULT_MAX_PIXELS, ImageError, ImageSource, PreparedImage, prepare_image
-from .manifest import EngineManifest, MissingBucketError, heatmap_name
+from .manifest import EngineManifest, heatmap_name
 
 log = logging.getLogger("interactive")
 
@@ -96,10 +96,8 @@ class Extractor:
         return self.manifest.bucket_for(width, height)
 
     def prepare(self, source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedImage:
-        """Decode and resize one image to its bucket; raises ImageError or MissingBucketError."""
-        image = prepare_image(source, self.manifest.bucket_for, max_pixels=max_pixels)
-        self.manifest.bucket_path(image.bucket)  # a missing bucket fails here, before batching
-        return image
+        """Decode and resize one image to its bucket (exported or not); raises ImageError."""
+        return prepare_image(source, self.manifest.bucket_for, max_pixels=max_pixels)
 
     def extract(self, images: Iterable[ImageSource], batch_size: int = 16) -> Features:
         """Features of every image (paths, bytes or HxWx3 uint8 arrays, any sizes).
@@ -108,21 +106,40 @@ class Extractor:
         row; the other images are processed.
         """
         sources = list(images)
-        features = self._empty(len(sources))
+        prepared = ((i, self.try_prepare(source)) for i, source in enumerate(sources))
+        return self.extract_prepared(prepared, len(sources), batch_size)
 
-        def prepared() -> Iterator[tuple[int, PreparedImage]]:
-            for i, source in enumerate(sources):
-                try:
-                    image = self.prepare(source)
-                except (ImageError, MissingBucketError) as err:
-                    features.errors[i] = str(err)
-                    log.info("skipped input %d: %s", i, err)
+    def try_prepare(self, source: ImageSource) -> PreparedImage | str:
+        """`prepare`, with an input's own failure returned as its message instead of raised."""
+        try:
+            return self.prepare(source)
+        except ImageError as err:
+            return str(err)
+
+    def extract_prepared(
+        self, items: Iterable[tuple[int, PreparedImage | str]], n: int, batch_size: int = 16
+    ) -> Features:
+        """Features of `n` inputs arriving as (position, prepared image or error message).
+
+        Items may come in any order (e.g. from decoding processes); an image waits in its
+        bucket's queue until a batch is full or the items end.
+        """
+        features = self._empty(n)
+        exported = set(self.manifest.buckets)
+
+        def usable() -> Iterator[tuple[int, PreparedImage]]:
+            for i, item in items:
+                if isinstance(item, PreparedImage) and item.bucket not in exported:
+                    item = str(self.manifest.missing_bucket(item.bucket))
+                if isinstance(item, str):
+                    features.errors[i] = item
+                    log.info("skipped input %d: %s", i, item)
                     continue
-                features.sizes[i] = (image.width, image.height)
-                features.buckets[i] = image.bucket
-                yield i, image
+                features.sizes[i] = (item.width, item.height)
+                features.buckets[i] = item.bucket
+                yield i, item
 
-        for batch in batches_by_bucket(prepared(), batch_size):
+        for batch in batches_by_bucket(usable(), batch_size):
             outputs = self.backend.run(batch.bucket, batch.pixels)
             self._store(features, batch.indices, outputs)
         return features

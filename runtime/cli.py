@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections import Counter
@@ -47,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_buckets(sub)
     _add_extract(sub)
+    _add_index(sub)
+    _add_viz(sub)
     return parser
 
 
@@ -188,6 +191,100 @@ def _run_extract(args: argparse.Namespace) -> int:
     for _, reason in sorted(features.errors.items()):
         print(f"  failed: {reason}", file=sys.stderr)
     return EXIT_PARTIAL if failed else EXIT_OK
+
+
+def _add_index(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "index",
+        help="a whole collection into sharded Parquet, resumable",
+        description="Index SOURCE (a directory tree, a text file of paths, or a Parquet/CSV file "
+        "with a path column) into OUTDIR/part-NNNNN.parquet shards plus _manifest.json. Rerun "
+        "the same command to resume after an interruption.",
+    )
+    p.add_argument("source", type=Path, metavar="SOURCE")
+    p.add_argument("--engine", required=True, type=Path, help="engine directory")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR")
+    p.add_argument("--backend", default="auto", choices=["auto", "ort"])
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+        help="decoding processes (0: decode in the main process)",
+    )  # fmt: skip
+    p.add_argument("--shard-size", type=int, default=1000, help="rows per output shard")
+    p.add_argument("--layers", help="comma-separated subset of the engine's layers")
+    p.add_argument("--normalize", default="none", choices=["none", "l2"])
+    p.add_argument("--concat", action="store_true", help="one `features` column")
+    p.add_argument("--path-column", default="path", help="for Parquet/CSV sources")
+    p.add_argument("--limit", type=int, help="only the first N inputs")
+    p.add_argument("--dry-run", action="store_true", help="read headers only; report buckets")
+    p.add_argument("--overwrite", action="store_true", help="replace another job's output")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    p.set_defaults(handler=_run_index)
+
+
+def _run_index(args: argparse.Namespace) -> int:
+    from .index import IndexOptions, dry_run, run_index
+
+    options = IndexOptions(
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        layers=[t.strip() for t in args.layers.split(",")] if args.layers else None,
+        normalize=args.normalize,
+        concat=args.concat,
+        path_column=args.path_column,
+        limit=args.limit,
+    )
+    if args.dry_run:
+        plan = dry_run(args.source, args.engine, options)
+        print(f"{plan['images']} images, {plan['unreadable']} unreadable headers")
+        for bucket, n in plan["buckets"].items():
+            flag = "  (missing)" if bucket in plan["missing"] else ""
+            print(f"  {bucket:>9} {n:>8}{flag}")
+        if plan["missing"]:
+            print(f"the engine lacks {len(plan['missing'])} buckets; add them with:")
+            print(f"  {plan['export_command']}")
+        return EXIT_OK
+    report = run_index(
+        args.source, args.engine, args.output, options, backend=args.backend,
+        workers=args.workers, overwrite=args.overwrite, progress=args.progress,
+    )  # fmt: skip
+    print(
+        f"{report.images} images in the output ({report.errors} errors); this run processed "
+        f"{report.processed} in {report.seconds:.1f} s ({report.images_per_second:.2f} "
+        f"images/s), wrote {report.written_shards} shards, found {report.skipped_shards} done; "
+        f"by bucket {dict(report.by_bucket)}; output {args.output}"
+    )
+    return EXIT_PARTIAL if report.errors else EXIT_OK
+
+
+def _add_viz(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "viz",
+        help="draw an image's activeness heatmaps, one panel per layer, into a PNG",
+        description="Render gamma-hat (ALGORITHM.md section 5) over IMAGE for each layer; the "
+        "engine must have been exported with --heatmaps.",
+    )
+    p.add_argument("image", type=Path, metavar="IMAGE")
+    p.add_argument("--engine", required=True, type=Path, help="engine directory (--heatmaps)")
+    p.add_argument("-o", "--output", required=True, type=Path, help="output .png")
+    p.add_argument("--layers", help="comma-separated subset of the engine's layers")
+    p.add_argument("--columns", type=int, default=0, help="panels per row (0: automatic)")
+    p.add_argument("--panel-width", type=int, default=256)
+    p.set_defaults(handler=_run_viz)
+
+
+def _run_viz(args: argparse.Namespace) -> int:
+    from .api import Extractor
+    from .viz import render_file
+
+    layers = [t.strip() for t in args.layers.split(",")] if args.layers else None
+    with Extractor.open(args.engine) as extractor:
+        path = render_file(
+            extractor, str(args.image), layers, args.output,
+            columns=args.columns, panel_width=args.panel_width,
+        )  # fmt: skip
+    print(f"wrote {path}")
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -104,12 +104,16 @@ class EngineManifest:
     def bucket_path(self, bucket: tuple[int, int]) -> Path:
         entry = self.data["buckets"].get(format_size(bucket))
         if entry is None:
-            raise MissingBucketError(
-                f"bucket {format_size(bucket)} has no exported graph in {self.directory}; add it "
-                f"with: {self.export_command([bucket])}",
-                bucket,
-            )
+            raise self.missing_bucket(bucket)
         return self.directory / entry["file"]
+
+    def missing_bucket(self, bucket: tuple[int, int]) -> MissingBucketError:
+        """The error for a bucket without a graph: it names the command that exports it."""
+        return MissingBucketError(
+            f"bucket {format_size(bucket)} has no exported graph in {self.directory}; add it "
+            f"with: {self.export_command([bucket])}",
+            bucket,
+        )
 
     def export_command(self, buckets: list[tuple[int, int]]) -> str:
         """The exact `interactive export` command that adds `buckets` to this directory."""

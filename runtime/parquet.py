@@ -11,30 +11,42 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .api import Features
+from .api import Features, l2_normalize
 from .buckets import format_size
 
 
 def features_table(
-    paths: Sequence[str], features: Features, metadata: dict[str, str] | None = None
+    paths: Sequence[str],
+    features: Features,
+    metadata: dict[str, str] | None = None,
+    *,
+    ids: Sequence[str] | None = None,
+    layers: Sequence[str] | None = None,
+    normalize: str = "none",
+    concat: bool = False,
 ) -> pa.Table:
-    """Columns path, width, height, bucket, one `fixed_size_list<float32>[D]` per layer, status.
+    """Columns [id,] path, width, height, bucket, the features, status.
 
-    Failed rows have null features and `status` = the error; the matrix of a layer loads back
-    without per-row copies (`table[layer].combine_chunks().flatten()` reshaped to [N, D]).
+    The features are one `fixed_size_list<float32>[D]` column per layer (`layers`, default all),
+    each L2-normalised with `normalize="l2"`, or one `features` column with `concat`. Failed rows
+    have null features and `status` = the error. A layer's matrix loads back without per-row
+    copies (`layer_matrix`).
     """
     ok = features.ok
-    columns: dict[str, Any] = {
-        "path": pa.array([str(p) for p in paths], pa.string()),
-        "width": pa.array([s[0] if s else None for s in features.sizes], pa.int32()),
-        "height": pa.array([s[1] if s else None for s in features.sizes], pa.int32()),
-        "bucket": pa.array([format_size(b) if b else None for b in features.buckets], pa.string()),
-    }
-    for layer, rows in features.layers.items():
-        values = pa.array(np.ascontiguousarray(rows, dtype=np.float32).reshape(-1))
-        columns[layer] = pa.FixedSizeListArray.from_arrays(
-            values, rows.shape[1], mask=pa.array(~ok)
-        )
+    columns: dict[str, Any] = {} if ids is None else {"id": pa.array(list(ids), pa.string())}
+    columns["path"] = pa.array([str(p) for p in paths], pa.string())
+    columns["width"] = pa.array([s[0] if s else None for s in features.sizes], pa.int32())
+    columns["height"] = pa.array([s[1] if s else None for s in features.sizes], pa.int32())
+    columns["bucket"] = pa.array(
+        [format_size(b) if b else None for b in features.buckets], pa.string()
+    )
+    chosen = list(layers) if layers is not None else list(features)
+    if concat:
+        columns["features"] = _list_column(features.concat(normalize, chosen), ok)
+    else:
+        for layer in chosen:
+            rows = features[layer]
+            columns[layer] = _list_column(l2_normalize(rows) if normalize == "l2" else rows, ok)
     columns["status"] = pa.array(
         [features.errors.get(i, "ok") for i in range(len(paths))], pa.string()
     )
@@ -42,6 +54,11 @@ def features_table(
     if metadata:
         table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in metadata.items()})
     return table
+
+
+def _list_column(rows: np.ndarray, ok: np.ndarray) -> pa.FixedSizeListArray:
+    values = pa.array(np.ascontiguousarray(rows, dtype=np.float32).reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(values, rows.shape[1], mask=pa.array(~ok))
 
 
 def write_table(table: pa.Table, path: str | os.PathLike[str]) -> Path:

@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from interactive.runtime import Extractor
 from interactive.runtime.cli import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, main
 from interactive.runtime.parquet import layer_matrix
+from interactive.runtime.viz import output_size
 
 from conftest import NARROW, photos
 
@@ -23,7 +25,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("command", [[], ["export"], ["buckets"], ["extract"]])
+@pytest.mark.parametrize("command", [[], ["export"], ["buckets"], ["extract"], ["index"], ["viz"]])
 def test_help_everywhere(command: list[str]) -> None:
     result = run(*command, "--help")
     assert result.returncode == 0 and "usage: interactive" in result.stdout
@@ -88,3 +90,15 @@ def test_export_extract_parquet_round_trip(tmp_path: Path) -> None:
 
     result = run("extract", "--engine", str(engine), "-o", str(out), *map(str, images))
     assert result.returncode == EXIT_OK
+
+
+def test_viz_writes_a_png(narrow_engine: Path, tmp_path: Path) -> None:
+    out = tmp_path / "heat.png"
+    photo = str(photos()[0])
+    result = run(
+        "viz", photo, "--engine", str(narrow_engine), "-o", str(out), "--layers", "pool-1,fc-6"
+    )
+    assert result.returncode == EXIT_OK, result.stderr
+    with Extractor.open(narrow_engine) as ex:
+        w, h = ex.prepare(photo).bucket
+    assert Image.open(out).size == output_size(w, h, 2)

@@ -1,0 +1,383 @@
+"""`interactive index`: a collection -> sharded Parquet features, resumable, safe on bad input.
+
+The source (a directory tree, a text file of paths, or a Parquet/CSV file with a path column) is
+streamed in a stable order and cut into shards of `shard_size` consecutive inputs. Shard k is
+`part-0000k.parquet`, written under a temporary name and renamed when complete, so after a crash
+(even `kill -9`) a rerun skips the finished shards without reading their images and redoes the
+rest: every input ends up in exactly one row. Decoding and resizing run in worker processes that
+feed a bucket-aware batcher; a bounded window of images in flight keeps memory flat whatever the
+collection size.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from .api import Extractor
+from .buckets import format_size
+from .images import ImageError, PreparedImage, image_size, prepare_image
+from .manifest import EngineManifest
+from .parquet import features_table, write_table
+
+log = logging.getLogger("interactive.index")
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"})
+RUN_MANIFEST = "_manifest.json"
+
+
+class IndexJobError(ValueError):
+    """A problem with the job itself (source, output directory, options), found before any work."""
+
+
+@dataclass
+class IndexOptions:
+    """The options that shape the output; a rerun on the same OUTDIR must repeat them."""
+
+    batch_size: int = 16
+    shard_size: int = 1000
+    layers: list[str] | None = None
+    normalize: str = "none"
+    concat: bool = False
+    path_column: str = "path"
+    limit: int | None = None
+
+
+@dataclass
+class IndexReport:
+    """Totals over the whole output (earlier runs' shards included); speed over this run's."""
+
+    images: int = 0
+    errors: int = 0
+    processed: int = 0  # images decoded and run by this run
+    skipped_shards: int = 0
+    written_shards: int = 0
+    seconds: float = 0.0
+    by_bucket: Counter = field(default_factory=Counter)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+    def add(self, table: Any) -> None:
+        """Count a shard's rows (a pyarrow table with `status` and `bucket` columns)."""
+        status = table.column("status").to_pylist()
+        self.images += len(status)
+        self.errors += sum(s != "ok" for s in status)
+        self.by_bucket.update(b for b in table.column("bucket").to_pylist() if b)
+
+
+def iter_sources(source: Path, path_column: str = "path") -> Iterator[str]:
+    """Image paths of SOURCE in a stable order, streamed (never all listed in memory)."""
+    if source.is_dir():
+        yield from _walk_images(source)
+    elif not source.is_file():
+        raise IndexJobError(f"SOURCE {str(source)!r} does not exist")
+    elif source.suffix.lower() == ".parquet":
+        yield from _parquet_paths(source, path_column)
+    elif source.suffix.lower() == ".csv":
+        yield from _csv_paths(source, path_column)
+    else:
+        with open(source, encoding="utf-8") as f:
+            for line in f:
+                if line.strip() and not line.startswith("#"):
+                    yield line.rstrip("\n")
+
+
+def _walk_images(root: Path) -> Iterator[str]:
+    for directory, subdirs, files in os.walk(root):
+        subdirs.sort()
+        for name in sorted(files):
+            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                yield os.path.join(directory, name)
+
+
+def _parquet_paths(source: Path, column: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    file = pq.ParquetFile(source)
+    if column not in file.schema_arrow.names:
+        raise IndexJobError(f"{source}: no column {column!r} (columns: {file.schema_arrow.names})")
+    for batch in file.iter_batches(columns=[column], batch_size=4096):
+        yield from (str(p) for p in batch.column(0).to_pylist())
+
+
+def _csv_paths(source: Path, column: str) -> Iterator[str]:
+    with open(source, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if column not in (reader.fieldnames or []):
+            raise IndexJobError(f"{source}: no column {column!r} (columns: {reader.fieldnames})")
+        for row in reader:
+            yield row[column]
+
+
+def source_id(path: str) -> str:
+    """A stable id for an input: the first 16 hex digits of the SHA-1 of its path."""
+    return hashlib.sha1(path.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def shard_name(k: int) -> str:
+    return f"part-{k:05d}.parquet"
+
+
+# ------------------------------------------------------------------------------------------------
+# Decoding in worker processes
+
+
+_worker_manifest: EngineManifest | None = None
+
+
+def _init_worker(engine: str) -> None:
+    global _worker_manifest
+    _worker_manifest = EngineManifest.load(engine)
+
+
+def _prepare(path: str) -> PreparedImage | str:
+    assert _worker_manifest is not None, "_init_worker runs first in every worker"
+    return prepare_or_error(path, _worker_manifest)
+
+
+def prepare_or_error(path: str, manifest: EngineManifest) -> PreparedImage | str:
+    """The image at its bucket size, or why it cannot be read (any failure is the input's)."""
+    try:
+        return prepare_image(path, manifest.bucket_for)
+    except ImageError as err:
+        return str(err)
+    except Exception as err:  # a decoder bug must cost one row, never the job
+        return f"{path}: unexpected error while decoding: {type(err).__name__}: {err}"
+
+
+def _prepared_stream(
+    paths: list[str], pool: ProcessPoolExecutor | None, window: int, manifest: EngineManifest
+) -> Iterator[tuple[int, PreparedImage | str]]:
+    """(position, prepared image or error) in input order, at most `window` images in flight."""
+    if pool is None:
+        for i, path in enumerate(paths):
+            yield i, prepare_or_error(path, manifest)
+        return
+    pending: deque[tuple[int, Future]] = deque()
+    for i, path in enumerate(paths):
+        pending.append((i, pool.submit(_prepare, path)))
+        if len(pending) >= window:
+            j, future = pending.popleft()
+            yield j, future.result()
+    while pending:
+        j, future = pending.popleft()
+        yield j, future.result()
+
+
+# ------------------------------------------------------------------------------------------------
+# The job
+
+
+def run_index(
+    source: Path,
+    engine: Path,
+    out: Path,
+    options: IndexOptions,
+    *,
+    backend: str = "auto",
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> IndexReport:
+    """Index SOURCE into OUTDIR; returns what was done. Errors in the job itself raise early."""
+    extractor = Extractor.open(engine, backend=backend)
+    _check_layers(options, extractor)
+    run = _run_manifest(source, extractor.manifest, options)
+    _prepare_outdir(out, run, overwrite)
+    report = IndexReport()
+    started = time.perf_counter()
+    bar = _Progress(progress)
+    pool = None
+    if workers > 0:
+        pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(engine),))
+    try:
+        sources = iter_sources(source, options.path_column)
+        if options.limit is not None:
+            sources = islice(sources, options.limit)
+        for k, paths in enumerate(_chunks(sources, options.shard_size)):
+            target = out / shard_name(k)
+            if target.exists():
+                report.skipped_shards += 1
+                report.add(pq.read_table(target, columns=["status", "bucket"]))
+                bar.skip(len(paths))
+                continue
+            window = max(2 * options.batch_size, 4 * max(workers, 1))
+            stream = bar.track(_prepared_stream(paths, pool, window, extractor.manifest))
+            features = extractor.extract_prepared(stream, len(paths), options.batch_size)
+            table = features_table(
+                paths,
+                features,
+                {"interactive.run": json.dumps(run)},
+                ids=[source_id(p) for p in paths],
+                layers=options.layers,
+                normalize=options.normalize,
+                concat=options.concat,
+            )
+            write_table(table, target)
+            report.written_shards += 1
+            report.processed += len(paths)
+            report.add(table)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        bar.close()
+    report.seconds = time.perf_counter() - started
+    run["result"] = {**asdict(report), "by_bucket": dict(report.by_bucket)}
+    _write_json(out / RUN_MANIFEST, run)
+    return report
+
+
+def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+def _check_layers(options: IndexOptions, extractor: Extractor) -> None:
+    if options.batch_size < 1 or options.shard_size < 1:
+        raise IndexJobError("--batch-size and --shard-size must be at least 1")
+    if options.normalize not in ("none", "l2"):
+        raise IndexJobError(f"--normalize must be none or l2, got {options.normalize!r}")
+    unknown = [t for t in options.layers or [] if t not in extractor.layers]
+    if unknown:
+        raise IndexJobError(f"--layers {unknown}: not in this engine ({extractor.layers})")
+
+
+def _run_manifest(source: Path, engine: EngineManifest, options: IndexOptions) -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        package = version("interactive")
+    except PackageNotFoundError:
+        package = "0+unknown"
+    return {
+        "source": str(source),
+        "options": asdict(options),
+        "engine": {
+            "directory": str(engine.directory),
+            "export": engine.data["export"],
+            "weights_sha256": engine.data["weights"].get("sha256"),
+            "layers": engine.data["layers"],
+        },
+        "package_version": package,
+    }
+
+
+def _prepare_outdir(out: Path, run: dict[str, Any], overwrite: bool) -> None:
+    """Refuse an OUTDIR holding another job's output, unless `overwrite` clears it."""
+    previous = out / RUN_MANIFEST
+    if previous.exists():
+        old = json.loads(previous.read_text())
+        same = all(old.get(k) == run[k] for k in ("source", "options", "engine"))
+        if not same and not overwrite:
+            raise IndexJobError(
+                f"{out} holds the output of another job (different source, engine or options: "
+                f"see {previous}); rerun the same command to resume, use another -o, or pass "
+                "--overwrite to replace it"
+            )
+        if not same:
+            for part in out.glob("part-*.parquet"):
+                part.unlink()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(previous, {**run, "result": None})
+    except OSError as err:
+        raise IndexJobError(f"cannot write to -o {out}: {err.strerror or err}") from err
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Dry run
+
+
+def dry_run(source: Path, engine: Path, options: IndexOptions) -> dict[str, Any]:
+    """Headers only: the bucket histogram, unreadable inputs, the buckets the engine lacks."""
+    manifest = EngineManifest.load(engine)
+    histogram: Counter = Counter()
+    unreadable = 0
+    sources: Iterable[str] = iter_sources(source, options.path_column)
+    if options.limit is not None:
+        sources = islice(sources, options.limit)
+    for path in sources:
+        try:
+            histogram[manifest.bucket_for(*image_size(path))] += 1
+        except ImageError:
+            unreadable += 1
+    missing = sorted(b for b in histogram if b not in set(manifest.buckets))
+    return {
+        "images": sum(histogram.values()) + unreadable,
+        "unreadable": unreadable,
+        "buckets": {format_size(b): n for b, n in histogram.most_common()},
+        "missing": [format_size(b) for b in missing],
+        "export_command": manifest.export_command(missing) if missing else None,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Progress
+
+
+class _Progress:
+    """A tqdm bar on a terminal, a log line every 10 s otherwise."""
+
+    def __init__(self, enabled: bool | None) -> None:
+        interactive = sys.stderr.isatty() if enabled is None else enabled
+        self.bar: Any = None
+        if interactive:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(unit="img", dynamic_ncols=True, smoothing=0.1)
+            except ImportError:
+                self.bar = None
+        self.done = self.errors = 0
+        self.started = self.last = time.perf_counter()
+
+    def skip(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def track(
+        self, stream: Iterator[tuple[int, PreparedImage | str]]
+    ) -> Iterator[tuple[int, PreparedImage | str]]:
+        for item in stream:
+            self.done += 1
+            self.errors += isinstance(item[1], str)
+            self._show()
+            yield item
+
+    def _show(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(errors=self.errors, refresh=False)
+            return
+        now = time.perf_counter()
+        if now - self.last >= 10:
+            rate = self.done / (now - self.started)
+            log.warning("%d images, %d errors, %.1f images/s", self.done, self.errors, rate)
+            self.last = now
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
