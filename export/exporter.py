@@ -121,7 +121,6 @@ def export_engine(request: ExportRequest, log: Callable[[str], None] = print) ->
     spec = request.spec
     buckets = resolve_buckets(request.buckets, request.area, request.fixed)
     out = Path(request.out)
-    out.mkdir(parents=True, exist_ok=True)
     manifest = _load_or_start(out, request, spec)
     todo = [b for b in buckets if format_size(b) not in manifest["buckets"]]
     if len(todo) < len(buckets):
@@ -132,6 +131,7 @@ def export_engine(request: ExportRequest, log: Callable[[str], None] = print) ->
     if request.weights.startswith("random:"):
         log("NOTE: random weights: the features are for tests and smoke runs, not for retrieval")
     state_dict = load_state_dict(request.weights, spec.arch, spec.width_div)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a failed download leaves no directory
     graph = AnalyticGraph(spec, state_dict).eval()
     weights = SharedWeights(out, manifest["weights"]["tensors"])
     weights.truncate_to_table()  # bytes a crash appended but never recorded

@@ -215,6 +215,7 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--normalize", default="none", choices=["none", "l2"])
     p.add_argument("--concat", action="store_true", help="one `features` column")
     p.add_argument("--path-column", default="path", help="for Parquet/CSV sources")
+    p.add_argument("--heatmaps", action="store_true", help="store small heatmaps (<= 32 px)")
     p.add_argument("--limit", type=int, help="only the first N inputs")
     p.add_argument("--dry-run", action="store_true", help="read headers only; report buckets")
     p.add_argument("--overwrite", action="store_true", help="replace another job's output")
@@ -233,6 +234,7 @@ def _run_index(args: argparse.Namespace) -> int:
         concat=args.concat,
         path_column=args.path_column,
         limit=args.limit,
+        heatmaps=args.heatmaps,
     )
     if args.dry_run:
         plan = dry_run(args.source, args.engine, options)

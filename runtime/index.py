@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import logging
 import os
 import sys
 import time
@@ -33,8 +32,6 @@ from .buckets import format_size
 from .images import ImageError, PreparedImage, image_size, prepare_image
 from .manifest import EngineManifest
 from .parquet import features_table, write_table
-
-log = logging.getLogger("interactive.index")
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"})
 RUN_MANIFEST = "_manifest.json"
@@ -55,6 +52,7 @@ class IndexOptions:
     concat: bool = False
     path_column: str = "path"
     limit: int | None = None
+    heatmaps: bool = False  # small heatmaps beside the features (engines made with --heatmaps)
 
 
 @dataclass
@@ -228,6 +226,7 @@ def run_index(
                 layers=options.layers,
                 normalize=options.normalize,
                 concat=options.concat,
+                heatmaps=options.heatmaps,
             )
             write_table(table, target)
             report.written_shards += 1
@@ -254,6 +253,10 @@ def _check_layers(options: IndexOptions, extractor: Extractor) -> None:
         raise IndexJobError("--batch-size and --shard-size must be at least 1")
     if options.normalize not in ("none", "l2"):
         raise IndexJobError(f"--normalize must be none or l2, got {options.normalize!r}")
+    if options.heatmaps and not extractor.manifest.data.get("heatmaps"):
+        raise IndexJobError(
+            "--heatmaps needs an engine exported with `interactive export --heatmaps`"
+        )
     unknown = [t for t in options.layers or [] if t not in extractor.layers]
     if unknown:
         raise IndexJobError(f"--layers {unknown}: not in this engine ({extractor.layers})")
@@ -373,9 +376,13 @@ class _Progress:
             self.bar.set_postfix(errors=self.errors, refresh=False)
             return
         now = time.perf_counter()
-        if now - self.last >= 10:
+        if now - self.last >= 10:  # plain lines for logs and pipes, whatever the log level
             rate = self.done / (now - self.started)
-            log.warning("%d images, %d errors, %.1f images/s", self.done, self.errors, rate)
+            print(
+                f"index: {self.done} images decoded, {self.errors} errors, {rate:.1f} images/s",
+                file=sys.stderr,
+                flush=True,
+            )
             self.last = now
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 
 from .api import Features, l2_normalize
 from .buckets import format_size
+from .manifest import heatmap_name
 
 
 def features_table(
@@ -24,13 +25,15 @@ def features_table(
     layers: Sequence[str] | None = None,
     normalize: str = "none",
     concat: bool = False,
+    heatmaps: bool = False,
 ) -> pa.Table:
     """Columns [id,] path, width, height, bucket, the features, status.
 
     The features are one `fixed_size_list<float32>[D]` column per layer (`layers`, default all),
     each L2-normalised with `normalize="l2"`, or one `features` column with `concat`. Failed rows
     have null features and `status` = the error. A layer's matrix loads back without per-row
-    copies (`layer_matrix`).
+    copies (`layer_matrix`). `heatmaps` adds a `<layer>.heatmap` column per layer: the map
+    block-averaged to at most HEATMAP_SIDE on its longer side, as a list of rows.
     """
     ok = features.ok
     columns: dict[str, Any] = {} if ids is None else {"id": pa.array(list(ids), pa.string())}
@@ -47,6 +50,12 @@ def features_table(
         for layer in chosen:
             rows = features[layer]
             columns[layer] = _list_column(l2_normalize(rows) if normalize == "l2" else rows, ok)
+    if heatmaps:
+        for layer in chosen:
+            maps = [
+                None if m is None else shrink_heatmap(m).tolist() for m in features.heatmaps[layer]
+            ]
+            columns[heatmap_name(layer)] = pa.array(maps, pa.list_(pa.list_(pa.float32())))
     columns["status"] = pa.array(
         [features.errors.get(i, "ok") for i in range(len(paths))], pa.string()
     )
@@ -54,6 +63,23 @@ def features_table(
     if metadata:
         table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in metadata.items()})
     return table
+
+
+HEATMAP_SIDE = 32
+
+
+def shrink_heatmap(heatmap: np.ndarray, max_side: int = HEATMAP_SIDE) -> np.ndarray:
+    """Average f x f blocks (f the smallest factor bringing the longer side to <= max_side)."""
+    h, w = heatmap.shape
+    f = -(-max(h, w) // max_side)
+    if f <= 1:
+        return heatmap.astype(np.float32)
+    out_h, out_w = -(-h // f), -(-w // f)
+    sums = np.zeros((out_h * f, out_w * f), np.float64)
+    counts = np.zeros_like(sums)
+    sums[:h, :w], counts[:h, :w] = heatmap, 1.0  # edge blocks average their real cells only
+    block = (out_h, f, out_w, f)
+    return (sums.reshape(block).sum((1, 3)) / counts.reshape(block).sum((1, 3))).astype(np.float32)
 
 
 def _list_column(rows: np.ndarray, ok: np.ndarray) -> pa.FixedSizeListArray:

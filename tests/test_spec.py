@@ -71,3 +71,14 @@ def test_feature_spec_sizes() -> None:
     assert s.map_size("pool-5", 576, 448) == (18, 14)
     assert [u.name for u in units("vgg19")].count("conv-5-4") == 1
     assert s.layers == PAPER_LAYERS
+
+
+def test_a_failed_download_leaves_no_engine_directory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from interactive.export.exporter import ExportRequest, export_engine
+
+    monkeypatch.setitem(spec.IMAGENET_URLS, "vgg16", "http://127.0.0.1:9/vgg16-397923af.pth")
+    with pytest.raises(RuntimeError, match="could not download"):
+        export_engine(ExportRequest(out=tmp_path / "e", weights="imagenet"), log=lambda _: None)
+    assert not (tmp_path / "e").exists()
