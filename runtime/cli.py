@@ -19,6 +19,10 @@ from .buckets import all_buckets, bucket_for, format_size, parse_size
 from .manifest import PAPER_LAYERS, EngineError
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+LOG_LEVELS = ["debug", "info", "warning"]
+# Options every command also accepts after its name (`interactive index ... --log-level info`).
+COMMON = argparse.ArgumentParser(add_help=False)
+COMMON.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="interactive",
         description="InterActive deep features (Xie et al., CVPR 2016) with static ONNX engines.",
     )
-    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning"])
+    parser.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
     _add_export(sub)
     _add_buckets(sub)
     _add_extract(sub)
@@ -56,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
+        parents=[COMMON],
         help="export one ONNX graph per bucket into an engine directory (needs torch)",
         description="Export the analytic InterActive graph, one static ONNX graph per bucket, "
         "sharing one weights.bin. Every bucket is validated against the autograd reference.",
@@ -117,6 +123,7 @@ def _run_export(args: argparse.Namespace) -> int:
 def _add_buckets(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "buckets",
+        parents=[COMMON],
         help="the bucket of each size, or the whole table",
         description="Print the bucket (W x H) of each given image size WxH, or the whole table.",
     )
@@ -149,6 +156,7 @@ def _run_buckets(args: argparse.Namespace) -> int:
 def _add_extract(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "extract",
+        parents=[COMMON],
         help="features of images into a Parquet file",
         description="Extract features of IMAGE files into one Parquet file: one row per image "
         "(path, width, height, bucket, one list column per layer, status).",
@@ -196,6 +204,7 @@ def _run_extract(args: argparse.Namespace) -> int:
 def _add_index(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "index",
+        parents=[COMMON],
         help="a whole collection into sharded Parquet, resumable",
         description="Index SOURCE (a directory tree, a text file of paths, or a Parquet/CSV file "
         "with a path column) into OUTDIR/part-NNNNN.parquet shards plus _manifest.json. Rerun "
@@ -262,6 +271,7 @@ def _run_index(args: argparse.Namespace) -> int:
 def _add_viz(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "viz",
+        parents=[COMMON],
         help="draw an image's activeness heatmaps, one panel per layer, into a PNG",
         description="Render gamma-hat (ALGORITHM.md section 5) over IMAGE for each layer; the "
         "engine must have been exported with --heatmaps.",

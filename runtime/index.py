@@ -16,9 +16,10 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from itertools import islice
@@ -80,20 +81,25 @@ class IndexReport:
 
 
 def iter_sources(source: Path, path_column: str = "path") -> Iterator[str]:
-    """Image paths of SOURCE in a stable order, streamed (never all listed in memory)."""
+    """Image paths of SOURCE in a stable order, streamed (never all listed in memory).
+
+    Problems with SOURCE itself (missing, no such column) raise here, before any work starts.
+    """
+    suffix = source.suffix.lower()
     if source.is_dir():
-        yield from _walk_images(source)
-    elif not source.is_file():
+        return _walk_images(source)
+    if not source.is_file():
         raise IndexJobError(f"SOURCE {str(source)!r} does not exist")
-    elif source.suffix.lower() == ".parquet":
-        yield from _parquet_paths(source, path_column)
-    elif source.suffix.lower() == ".csv":
-        yield from _csv_paths(source, path_column)
-    else:
-        with open(source, encoding="utf-8") as f:
-            for line in f:
-                if line.strip() and not line.startswith("#"):
-                    yield line.rstrip("\n")
+    if suffix in (".parquet", ".csv"):
+        columns = _table_columns(source)
+        if path_column not in columns:
+            raise IndexJobError(f"{source}: no column {path_column!r} (columns: {columns})")
+        return (
+            _parquet_paths(source, path_column)
+            if suffix == ".parquet"
+            else _csv_paths(source, path_column)
+        )
+    return _text_paths(source)
 
 
 def _walk_images(root: Path) -> Iterator[str]:
@@ -104,23 +110,33 @@ def _walk_images(root: Path) -> Iterator[str]:
                 yield os.path.join(directory, name)
 
 
-def _parquet_paths(source: Path, column: str) -> Iterator[str]:
-    import pyarrow.parquet as pq
+def _table_columns(source: Path) -> list[str]:
+    if source.suffix.lower() == ".parquet":
+        return list(pq.ParquetFile(source).schema_arrow.names)
+    with open(source, newline="", encoding="utf-8") as f:
+        return next(csv.reader(f), [])
 
-    file = pq.ParquetFile(source)
-    if column not in file.schema_arrow.names:
-        raise IndexJobError(f"{source}: no column {column!r} (columns: {file.schema_arrow.names})")
-    for batch in file.iter_batches(columns=[column], batch_size=4096):
+
+def _parquet_paths(source: Path, column: str) -> Iterator[str]:
+    for batch in pq.ParquetFile(source).iter_batches(columns=[column], batch_size=4096):
         yield from (str(p) for p in batch.column(0).to_pylist())
 
 
 def _csv_paths(source: Path, column: str) -> Iterator[str]:
     with open(source, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if column not in (reader.fieldnames or []):
-            raise IndexJobError(f"{source}: no column {column!r} (columns: {reader.fieldnames})")
-        for row in reader:
+        for row in csv.DictReader(f):
             yield row[column]
+
+
+def _text_paths(source: Path) -> Iterator[str]:
+    with open(source, encoding="utf-8") as f:
+        for line in f:
+            if line.strip() and not line.startswith("#"):
+                yield line.rstrip("\n")
+
+
+def _limited(sources: Iterator[str], limit: int | None) -> Iterator[str]:
+    return sources if limit is None else islice(sources, limit)
 
 
 def source_id(path: str) -> str:
@@ -196,18 +212,20 @@ def run_index(
     """Index SOURCE into OUTDIR; returns what was done. Errors in the job itself raise early."""
     extractor = Extractor.open(engine, backend=backend)
     _check_layers(options, extractor)
+    sources = _limited(iter_sources(source, options.path_column), options.limit)
     run = _run_manifest(source, extractor.manifest, options)
     _prepare_outdir(out, run, overwrite)
     report = IndexReport()
     started = time.perf_counter()
-    bar = _Progress(progress)
+
+    def count() -> int:
+        return sum(1 for _ in _limited(iter_sources(source, options.path_column), options.limit))
+
+    bar = _Progress(progress, count)
     pool = None
     if workers > 0:
         pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(engine),))
     try:
-        sources = iter_sources(source, options.path_column)
-        if options.limit is not None:
-            sources = islice(sources, options.limit)
         for k, paths in enumerate(_chunks(sources, options.shard_size)):
             target = out / shard_name(k)
             if target.exists():
@@ -319,10 +337,7 @@ def dry_run(source: Path, engine: Path, options: IndexOptions) -> dict[str, Any]
     manifest = EngineManifest.load(engine)
     histogram: Counter = Counter()
     unreadable = 0
-    sources: Iterable[str] = iter_sources(source, options.path_column)
-    if options.limit is not None:
-        sources = islice(sources, options.limit)
-    for path in sources:
+    for path in _limited(iter_sources(source, options.path_column), options.limit):
         try:
             histogram[manifest.bucket_for(*image_size(path))] += 1
         except ImageError:
@@ -344,18 +359,25 @@ def dry_run(source: Path, engine: Path, options: IndexOptions) -> dict[str, Any]
 class _Progress:
     """A tqdm bar on a terminal, a log line every 10 s otherwise."""
 
-    def __init__(self, enabled: bool | None) -> None:
+    def __init__(self, enabled: bool | None, count: Callable[[], int]) -> None:
         interactive = sys.stderr.isatty() if enabled is None else enabled
         self.bar: Any = None
         if interactive:
-            try:
-                from tqdm import tqdm
+            from tqdm import tqdm
 
-                self.bar = tqdm(unit="img", dynamic_ncols=True, smoothing=0.1)
-            except ImportError:
-                self.bar = None
+            self.bar = tqdm(unit="img", dynamic_ncols=True, smoothing=0.1)
+            # The total (for the ETA) comes from a second, streaming pass over SOURCE in the
+            # background, so that a million-file tree starts at once.
+            threading.Thread(target=self._set_total, args=(count,), daemon=True).start()
         self.done = self.errors = 0
         self.started = self.last = time.perf_counter()
+
+    def _set_total(self, count: Callable[[], int]) -> None:
+        try:
+            self.bar.total = count()
+            self.bar.refresh()
+        except Exception:  # the ETA is a nicety; the job must not depend on it
+            pass
 
     def skip(self, n: int) -> None:
         if self.bar is not None:

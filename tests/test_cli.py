@@ -40,6 +40,8 @@ def test_buckets(capsys: pytest.CaptureFixture) -> None:
         "640x360 -> 672x384",
         "512x512 -> 512x512",
     ]
+    assert main(["buckets", "500x375", "--log-level", "info"]) == EXIT_OK  # after the command
+    assert capsys.readouterr().out == "500x375 -> 576x448\n"
     assert main(["buckets", "--json"]) == EXIT_OK
     assert len(json.loads(capsys.readouterr().out)) == 61
     assert main(["buckets", "--area", "256"]) == EXIT_OK

@@ -99,7 +99,7 @@ def test_layers_concat_and_sources(narrow_engine: Path, collection: Path, tmp_pa
     assert list(iter_sources(tmp_path / "list.parquet", "file")) == paths
     assert list(iter_sources(tmp_path / "list.csv")) == paths
     options = IndexOptions(layers=["pool-2", "fc-6"], normalize="l2", concat=True)
-    run_index(listing, narrow_engine, tmp_path / "o", options, workers=0, progress=False)
+    run_index(listing, narrow_engine, tmp_path / "o", options, workers=0, progress=True)
     table = read_output(tmp_path / "o")
     assert "features" in table.column_names and "pool-1" not in table.column_names
     matrix = layer_matrix(table, "features")
@@ -126,7 +126,11 @@ def test_other_options_are_refused_unless_overwrite(
 
 def test_job_errors_come_before_any_work(narrow_engine: Path, tmp_path: Path) -> None:
     with pytest.raises(IndexJobError, match="does not exist"):
-        list(iter_sources(tmp_path / "nowhere"))
+        run_index(tmp_path / "nowhere", narrow_engine, tmp_path / "o1", IndexOptions(), workers=0)
+    assert not (tmp_path / "o1").exists()
+    pq.write_table(pa.table({"file": ["a.jpg"]}), tmp_path / "list.parquet")
+    with pytest.raises(IndexJobError, match="no column 'path'"):
+        iter_sources(tmp_path / "list.parquet")
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(IndexJobError, match="cannot write"):
