@@ -32,6 +32,7 @@ from interactive.runtime.manifest import (
     EngineError,
     EngineManifest,
     is_heatmap,
+    package_version,
     write_manifest,
 )
 
@@ -171,7 +172,7 @@ def _load_or_start(out: Path, request: ExportRequest, spec: FeatureSpec) -> dict
         rule = {"kind": "area", "area_side": request.area, "area": request.area**2}
     return {
         "format": FORMAT,
-        "package_version": _package_version(),
+        "package_version": package_version(),
         "created": _now(),
         "arch": spec.arch,
         "width_div": spec.width_div,
@@ -308,15 +309,6 @@ def _record(
         info["sha256"] = weights.file_sha256()
         info["bytes"] = weights.path.stat().st_size
     manifest["buckets"][format_size(bucket)] = entry
-
-
-def _package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("interactive")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 def _now() -> str:

@@ -16,19 +16,20 @@ from pathlib import Path
 from interactive.runtime.buckets import DEFAULT_AREA, bucket_for, format_size
 from interactive.runtime.cli import main as cli_main
 from interactive.runtime.images import ImageError, image_size
+from interactive.runtime.index import IMAGE_SUFFIXES, iter_sources
 
 from .exporter import ExportRequest, export_engine
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"}
 BANNER = "!" * 78
 
 
 def image_files(source: Path) -> list[Path]:
-    if source.is_file():
+    """SOURCE itself if it is an image file, else the images of the tree in `index` order."""
+    if source.is_file() and source.suffix.lower() in IMAGE_SUFFIXES:
         return [source]
     if not source.is_dir():
-        raise FileNotFoundError(f"SOURCE {str(source)!r} is neither a file nor a directory")
-    files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        raise FileNotFoundError(f"SOURCE {str(source)!r} is neither an image nor a directory")
+    files = [Path(p) for p in iter_sources(source)]
     if not files:
         raise FileNotFoundError(
             f"SOURCE {str(source)!r} holds no images ({sorted(IMAGE_SUFFIXES)})"

@@ -58,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _engine_options(p: argparse.ArgumentParser, output: str, batch_size: int = 0) -> None:
+    """--engine and -o for every command that runs an engine; --backend/--batch-size if batched."""
+    p.add_argument("--engine", required=True, type=Path, help="engine directory")
+    p.add_argument("-o", "--output", required=True, type=Path, help=output)
+    if batch_size:
+        p.add_argument("--backend", default="auto", choices=["auto", "ort"])
+        p.add_argument("--batch-size", type=int, default=batch_size)
+
+
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
@@ -162,10 +171,7 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
         "(path, width, height, bucket, one list column per layer, status).",
     )
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
-    p.add_argument("--engine", required=True, type=Path, help="engine directory")
-    p.add_argument("-o", "--output", required=True, type=Path, help="output .parquet file")
-    p.add_argument("--backend", default="auto", choices=["auto", "ort"])
-    p.add_argument("--batch-size", type=int, default=8)
+    _engine_options(p, "output .parquet file", batch_size=8)
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: all cores)")
     p.set_defaults(handler=_run_extract)
 
@@ -211,10 +217,7 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
         "the same command to resume after an interruption.",
     )
     p.add_argument("source", type=Path, metavar="SOURCE")
-    p.add_argument("--engine", required=True, type=Path, help="engine directory")
-    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR")
-    p.add_argument("--backend", default="auto", choices=["auto", "ort"])
-    p.add_argument("--batch-size", type=int, default=16)
+    _engine_options(p, "output directory (OUTDIR)", batch_size=16)
     p.add_argument(
         "--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
         help="decoding processes (0: decode in the main process)",
@@ -277,8 +280,7 @@ def _add_viz(sub: argparse._SubParsersAction) -> None:
         "engine must have been exported with --heatmaps.",
     )
     p.add_argument("image", type=Path, metavar="IMAGE")
-    p.add_argument("--engine", required=True, type=Path, help="engine directory (--heatmaps)")
-    p.add_argument("-o", "--output", required=True, type=Path, help="output .png")
+    _engine_options(p, "output .png")
     p.add_argument("--layers", help="comma-separated subset of the engine's layers")
     p.add_argument("--columns", type=int, default=0, help="panels per row (0: automatic)")
     p.add_argument("--panel-width", type=int, default=256)

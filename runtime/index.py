@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from .api import Extractor
 from .buckets import format_size
 from .images import ImageError, PreparedImage, image_size, prepare_image
-from .manifest import EngineManifest
+from .manifest import EngineManifest, package_version
 from .parquet import features_table, write_table
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"})
@@ -281,12 +281,6 @@ def _check_layers(options: IndexOptions, extractor: Extractor) -> None:
 
 
 def _run_manifest(source: Path, engine: EngineManifest, options: IndexOptions) -> dict[str, Any]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        package = version("interactive")
-    except PackageNotFoundError:
-        package = "0+unknown"
     return {
         "source": str(source),
         "options": asdict(options),
@@ -296,7 +290,7 @@ def _run_manifest(source: Path, engine: EngineManifest, options: IndexOptions) -
             "weights_sha256": engine.data["weights"].get("sha256"),
             "layers": engine.data["layers"],
         },
-        "package_version": package,
+        "package_version": package_version(),
     }
 
 

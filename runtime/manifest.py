@@ -133,6 +133,16 @@ class EngineManifest:
         return shlex.join(args)
 
 
+def package_version() -> str:
+    """This package's installed version (recorded beside every artifact)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("interactive")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
 def write_manifest(directory: Path, data: dict[str, Any]) -> None:
     """Atomically replace DIR/manifest.json (write a temporary file, fsync, rename)."""
     tmp = directory / f".{MANIFEST_FILE}.tmp"
