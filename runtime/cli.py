@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def comma_list(text: str) -> list[str]:
+    """`--layers a, b,` -> ["a", "b"]: the one parser of comma-separated flags."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def _engine_options(p: argparse.ArgumentParser, output: str, batch_size: int = 0) -> None:
     """--engine and -o for every command that runs an engine; --backend/--batch-size if batched."""
     p.add_argument("--engine", required=True, type=Path, help="engine directory")
@@ -111,7 +116,7 @@ def _run_export(args: argparse.Namespace) -> int:
         weights=args.weights,
         config=args.config,
         p=args.p,
-        layers=tuple(t.strip() for t in args.layers.split(",") if t.strip()),
+        layers=tuple(comma_list(args.layers)),
         heatmaps=args.heatmaps,
         width_div=args.width_div,
         area=args.area,
@@ -241,7 +246,7 @@ def _run_index(args: argparse.Namespace) -> int:
     options = IndexOptions(
         batch_size=args.batch_size,
         shard_size=args.shard_size,
-        layers=[t.strip() for t in args.layers.split(",")] if args.layers else None,
+        layers=comma_list(args.layers) if args.layers else None,
         normalize=args.normalize,
         concat=args.concat,
         path_column=args.path_column,
@@ -291,7 +296,7 @@ def _run_viz(args: argparse.Namespace) -> int:
     from .api import Extractor
     from .viz import render_file
 
-    layers = [t.strip() for t in args.layers.split(",")] if args.layers else None
+    layers = comma_list(args.layers) if args.layers else None
     with Extractor.open(args.engine) as extractor:
         path = render_file(
             extractor, str(args.image), layers, args.output,
