@@ -1,7 +1,22 @@
 """Backends run one bucket's graph on a uint8 [N, H, W, 3] batch; `open_backend` picks one.
 
-Every backend takes the engine manifest and returns {output name: float32 array}. ONNX Runtime is
-the CPU (and CUDA) backend; the GPU engines plug into the same interface.
+Every backend takes the engine manifest and returns {output name: float32 array}. The registry
+below names each backend's module; a module is imported only when its backend is asked for (or
+probed by `backend_status`), so the runtime never imports torch, TensorRT or CUDA libraries
+unless a backend that needs them is used.
+
+| name           | module                       | needs                                   |
+|----------------|------------------------------|-----------------------------------------|
+| `ort`          | backends.OrtBackend          | onnxruntime (CPU, or CUDA when present)  |
+| `ort-cuda`     | ort_gpu.OrtCudaBackend       | onnxruntime-gpu and a CUDA GPU           |
+| `ort-tensorrt` | ort_gpu.OrtTensorrtBackend   | onnxruntime-gpu with TensorRT            |
+| `torch`        | torch_backend.TorchBackend   | torch (CPU or CUDA)                      |
+| `tensorrt`     | tensorrt_backend.TensorRTBackend | tensorrt, cuda-python and a CUDA GPU |
+
+A backend module defines its class and `unavailable_reason(manifest=None) -> str | None`: None
+when its libraries and device are present (and, given a manifest, when that engine directory
+has what the backend needs, e.g. TensorRT plans for this GPU), otherwise one line saying what is
+missing.
 """
 
 from __future__ import annotations
@@ -17,7 +32,17 @@ import numpy as np
 from .manifest import EngineError, EngineManifest
 from .weights import MappedWeights, mapped_weights
 
-BACKENDS = ("auto", "ort")
+# name -> (module in this package, class name)
+REGISTRY: dict[str, tuple[str, str]] = {
+    "ort": ("backends", "OrtBackend"),
+    "ort-cuda": ("ort_gpu", "OrtCudaBackend"),
+    "ort-tensorrt": ("ort_gpu", "OrtTensorrtBackend"),
+    "torch": ("torch_backend", "TorchBackend"),
+    "tensorrt": ("tensorrt_backend", "TensorRTBackend"),
+}
+# What `auto` tries, fastest first; `ort` always works.
+AUTO_ORDER = ("tensorrt", "ort-cuda", "ort")
+BACKENDS = ("auto", *REGISTRY)
 
 
 class Backend(Protocol):
@@ -177,8 +202,44 @@ class OrtBackend:
         self._sessions.clear()
 
 
+def unavailable_reason(manifest: EngineManifest | None = None) -> str | None:
+    """The `ort` backend needs onnxruntime only, a hard dependency."""
+    return None
+
+
+def _backend_module(name: str) -> Any:
+    if name not in REGISTRY:
+        raise EngineError(f"unknown backend {name!r}: expected one of {', '.join(BACKENDS)}")
+    import importlib
+
+    return importlib.import_module(f".{REGISTRY[name][0]}", __package__)
+
+
+def backend_status(name: str, manifest: EngineManifest | None = None) -> str | None:
+    """None when backend `name` can run here (on `manifest`, if given), otherwise why not."""
+    try:
+        module = _backend_module(name)
+    except ImportError as err:
+        return f"{name}: {err}"
+    reason: str | None = module.unavailable_reason(manifest)
+    return reason
+
+
+def available_backends(manifest: EngineManifest | None = None) -> dict[str, str | None]:
+    """Every registered backend -> None (runs here) or the reason it does not."""
+    return {name: backend_status(name, manifest) for name in REGISTRY}
+
+
 def open_backend(manifest: EngineManifest, name: str = "auto", **options: Any) -> Backend:
-    """`auto` picks the fastest backend installed (ONNX Runtime until the GPU engines land)."""
-    if name in ("auto", "ort"):
-        return OrtBackend(manifest, **options)
-    raise EngineError(f"unknown backend {name!r}: expected one of {BACKENDS}")
+    """Open backend `name` on `manifest`; `auto` takes the first of AUTO_ORDER that runs here.
+
+    A named backend that cannot run here raises EngineError saying what is missing.
+    """
+    if name == "auto":
+        name = next(n for n in AUTO_ORDER if n == "ort" or backend_status(n, manifest) is None)
+    module = _backend_module(name)
+    reason = module.unavailable_reason(manifest)
+    if reason is not None:
+        raise EngineError(f"backend {name!r} cannot run here: {reason}")
+    backend: Backend = getattr(module, REGISTRY[name][1])(manifest, **options)
+    return backend

@@ -24,13 +24,20 @@ import pytest
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-# What a build needs: pyproject's package-dir maps interactive.export -> export/ and
-# interactive.runtime -> runtime/; README.md is the project's `readme`.
+# What a build needs: pyproject's package-dir maps each folder to its interactive.* package;
+# README.md is the project's `readme`.
 SOURCE_FILES = ("pyproject.toml", "README.md")
-PACKAGE_DIRS = {"export": "interactive/export", "runtime": "interactive/runtime"}
-IGNORE = shutil.ignore_patterns(
-    "__pycache__", "*.pyc", "*.egg-info", "build", "dist", ".venv", ".git"
-)
+PACKAGE_DIRS = {
+    "export": "interactive/export",
+    "runtime": "interactive/runtime",
+    "engines": "interactive/engines",
+    "bench": "interactive/bench",
+}
+
+
+def python_sources_only(folder: str, names: list[str]) -> set[str]:
+    """copytree's ignore: the Python modules only (engines/ also holds local engine artifacts)."""
+    return {n for n in names if not n.endswith(".py") or n == "__pycache__"}
 DROPPED_ENV = ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "__PYVENV_LAUNCHER__")
 PIP_TIMEOUT_S = 300
 RUN_TIMEOUT_S = 60
@@ -100,7 +107,7 @@ def copy_source(dest: Path) -> Path:
     for name in SOURCE_FILES:
         shutil.copy2(REPO / name, dest / name)
     for name in PACKAGE_DIRS:
-        shutil.copytree(REPO / name, dest / name, ignore=IGNORE)
+        shutil.copytree(REPO / name, dest / name, ignore=python_sources_only)
     return dest
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks: `interactive bench` and the scripts whose results fill bench/RESULTS.md."""
