@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from .backends import BACKENDS
 from .buckets import all_buckets, bucket_for, format_size, parse_size
 from .manifest import PAPER_LAYERS, EngineError
 
@@ -68,7 +69,7 @@ def _engine_options(p: argparse.ArgumentParser, output: str, batch_size: int = 0
     p.add_argument("--engine", required=True, type=Path, help="engine directory")
     p.add_argument("-o", "--output", required=True, type=Path, help=output)
     if batch_size:
-        p.add_argument("--backend", default="auto", choices=["auto", "ort"])
+        p.add_argument("--backend", default="auto", choices=BACKENDS)
         p.add_argument("--batch-size", type=int, default=batch_size)
 
 
