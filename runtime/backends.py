@@ -30,19 +30,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from .manifest import EngineError, EngineManifest
+from .registry import AUTO_ORDER, BACKENDS, REGISTRY
 from .weights import MappedWeights, mapped_weights
-
-# name -> (module in this package, class name)
-REGISTRY: dict[str, tuple[str, str]] = {
-    "ort": ("backends", "OrtBackend"),
-    "ort-cuda": ("ort_gpu", "OrtCudaBackend"),
-    "ort-tensorrt": ("ort_gpu", "OrtTensorrtBackend"),
-    "torch": ("torch_backend", "TorchBackend"),
-    "tensorrt": ("tensorrt_backend", "TensorRTBackend"),
-}
-# What `auto` tries, fastest first; `ort` always works.
-AUTO_ORDER = ("tensorrt", "ort-cuda", "ort")
-BACKENDS = ("auto", *REGISTRY)
 
 
 class Backend(Protocol):

@@ -15,9 +15,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from .backends import BACKENDS
 from .buckets import all_buckets, bucket_for, format_size, parse_size
 from .manifest import PAPER_LAYERS, EngineError
+from .registry import BACKENDS
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 LOG_LEVELS = ["debug", "info", "warning"]
