@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_extract(sub)
     _add_index(sub)
     _add_viz(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -238,6 +239,12 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="read headers only; report buckets")
     p.add_argument("--overwrite", action="store_true", help="replace another job's output")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument(
+        "--ray", nargs="?", const="local", metavar="ADDRESS",
+        help="run on Ray (pip install 'interactive[ray]'): no ADDRESS starts a local instance; "
+        "'auto' joins this machine's cluster; 'ray://HOST:10001' goes through Ray Client",
+    )  # fmt: skip
+    p.add_argument("--actors", type=int, default=1, help="with --ray: extraction actors")
     p.set_defaults(handler=_run_index)
 
 
@@ -264,10 +271,19 @@ def _run_index(args: argparse.Namespace) -> int:
             print(f"the engine lacks {len(plan['missing'])} buckets; add them with:")
             print(f"  {plan['export_command']}")
         return EXIT_OK
-    report = run_index(
-        args.source, args.engine, args.output, options, backend=args.backend,
-        workers=args.workers, overwrite=args.overwrite, progress=args.progress,
-    )  # fmt: skip
+    if args.ray is not None:
+        from .ray_index import run_ray_index
+
+        report = run_ray_index(
+            args.source, args.engine, args.output, options, backend=args.backend,
+            address=None if args.ray == "local" else args.ray, actors=args.actors,
+            overwrite=args.overwrite, progress=args.progress,
+        )  # fmt: skip
+    else:
+        report = run_index(
+            args.source, args.engine, args.output, options, backend=args.backend,
+            workers=args.workers, overwrite=args.overwrite, progress=args.progress,
+        )  # fmt: skip
     print(
         f"{report.images} images in the output ({report.errors} errors); this run processed "
         f"{report.processed} in {report.seconds:.1f} s ({report.images_per_second:.2f} "
@@ -305,6 +321,30 @@ def _run_viz(args: argparse.Namespace) -> int:
         )  # fmt: skip
     print(f"wrote {path}")
     return EXIT_OK
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    # Every argument goes to interactive.bench's own parser (imported only when run, since it
+    # needs torch): no '-' prefix here, so `--engine ...` is collected rather than parsed.
+    p = sub.add_parser(
+        "bench",
+        add_help=False,
+        prefix_chars="\0",
+        help="latency, throughput and FLOP rate of every backend against the peers (needs torch)",
+    )
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(handler=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    try:
+        from interactive.bench.harness import main as bench_main
+    except ImportError as err:
+        raise RuntimeError(
+            f"interactive bench needs torch, captum and matplotlib ({err}); install them with "
+            "`pip install 'interactive[export,bench]'`"
+        ) from err
+    return bench_main(args.bench_args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,168 @@
+"""`interactive index --ray`: the local job's output on a local Ray instance, resume, killed actors.
+
+One Ray instance (2 CPUs, no dashboard, a small object store) serves the whole module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from test_index import make_collection, read_output
+
+from interactive.runtime.cli import EXIT_PARTIAL, main
+from interactive.runtime.index import IndexOptions, run_index
+from interactive.runtime.parquet import layer_matrix
+from interactive.runtime.ray_index import run_ray_index
+
+ray = pytest.importorskip("ray")
+psutil = pytest.importorskip("psutil")  # a dependency of ray
+
+OPTIONS = dict(batch_size=4, shard_size=7, layers=["pool-1", "pool-3", "fc-6"], heatmaps=True)
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[None]:
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=80 * 2**20,
+        log_to_driver=False,
+        logging_level="WARNING",
+    )
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("collection")
+    make_collection(root, 24)  # 24 photos + 12 bad or exotic files
+    return root
+
+
+@pytest.fixture(scope="module")
+def local_output(narrow_engine: Path, collection: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("local") / "out"
+    run_index(collection, narrow_engine, out, IndexOptions(**OPTIONS), workers=0, progress=False)
+    return out
+
+
+def index_args(collection: Path, engine: Path, out: Path) -> list[str]:
+    args = ["index", str(collection), "--engine", str(engine), "-o", str(out)]
+    args += ["--batch-size", "4", "--shard-size", "7", "--layers", "pool-1,pool-3,fc-6"]
+    return [*args, "--heatmaps", "--no-progress", "--actors", "1", "--ray"]
+
+
+def assert_same_rows(got: pa.Table, want: pa.Table) -> None:
+    """Same inputs, ids, sizes, buckets and statuses; features equal up to fp32 batch noise."""
+    for column in ("id", "path", "width", "height", "bucket", "status"):
+        assert got[column].to_pylist() == want[column].to_pylist(), column
+    for layer in OPTIONS["layers"]:
+        # Batches are cut differently (Ray batches vs whole shards), so sums may round apart.
+        expected = layer_matrix(want, layer)
+        np.testing.assert_allclose(
+            layer_matrix(got, layer), expected, rtol=1e-5, atol=1e-6 * np.nanmax(expected)
+        )
+        maps = (t[f"{layer}.heatmap"].to_pylist() for t in (got, want))
+        for g, w in zip(*maps, strict=True):
+            assert (g is None) == (w is None)
+            if g is not None:
+                np.testing.assert_allclose(np.array(g), np.array(w), rtol=1e-4, atol=1e-6)
+
+
+def test_ray_job_equals_the_local_job_and_resumes(
+    ray_local: None, narrow_engine: Path, collection: Path, local_output: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "ray"
+    assert main(index_args(collection, narrow_engine, out)) == EXIT_PARTIAL  # bad inputs
+    shards = sorted(p.name for p in out.glob("part-*.parquet"))
+    assert shards == sorted(p.name for p in local_output.glob("part-*.parquet"))
+    assert len(shards) == 6 and not list(out.glob(".*.tmp"))
+    for name in shards:  # shard by shard: same rows in the same order, same schema and metadata
+        got, want = pq.read_table(out / name), pq.read_table(local_output / name)
+        assert got.schema.equals(want.schema, check_metadata=True)
+        assert_same_rows(got, want)
+    statuses = read_output(out)["status"].to_pylist()
+    assert 0 < sum(s != "ok" for s in statuses) < len(statuses) == 36
+    ray_run, local_run = (
+        json.loads((d / "_manifest.json").read_text()) for d in (out, local_output)
+    )
+    for run in (ray_run, local_run):
+        for key in ("seconds", "processed", "written_shards", "skipped_shards"):
+            del run["result"][key]
+    assert ray_run == local_run
+
+    written = {p: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    again = run_ray_index(collection, narrow_engine, out, IndexOptions(**OPTIONS), progress=False)
+    assert (again.written_shards, again.skipped_shards, again.images) == (0, 6, 36)
+    assert {p: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")} == written
+
+    for name in shards[1:3]:  # as if the job had died before these two: they are redone
+        (out / name).unlink()
+    resumed = run_ray_index(collection, narrow_engine, out, IndexOptions(**OPTIONS))
+    assert (resumed.written_shards, resumed.processed, resumed.images) == (2, 14, 36)
+    assert_same_rows(read_output(out), read_output(local_output))
+
+
+def extraction_actor_pids() -> list[int]:
+    """Processes of Ray Data's extraction actors (Ray titles them after the actor class)."""
+    pids = []
+    for process in psutil.process_iter(["cmdline"]):
+        title = " ".join(process.info["cmdline"] or [])
+        if title.startswith("ray::") and "ExtractFeatures" in title:
+            assert "decode_block" not in title, f"decoding must run in CPU tasks: {title}"
+            pids.append(process.pid)
+    return pids
+
+
+def test_a_killed_actor_leaves_every_input_exactly_once(
+    ray_local: None, narrow_engine: Path, collection: Path, local_output: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "ray"
+    options = IndexOptions(**{**OPTIONS, "batch_size": 1, "shard_size": 4})  # 9 shards
+    killed: list[tuple[int, int]] = []  # (pid, shards on disk when it was killed)
+    restarted: list[int] = []
+
+    def kill_the_actor_mid_job() -> None:
+        deadline = time.time() + 60
+        while not (out / "part-00000.parquet").exists() and time.time() < deadline:
+            time.sleep(0.01)
+        for pid in extraction_actor_pids():
+            os.kill(pid, signal.SIGKILL)
+            killed.append((pid, len(list(out.glob("part-*.parquet")))))
+        while not restarted and time.time() < deadline:  # Ray starts a new one
+            restarted.extend(set(extraction_actor_pids()) - {pid for pid, _ in killed})
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_the_actor_mid_job)
+    killer.start()
+    report = run_ray_index(collection, narrow_engine, out, options, actors=1, progress=False)
+    killer.join()
+    assert len(killed) == 1 and killed[0][1] < 9, f"the kill must land mid-job: {killed}"
+    assert restarted and not psutil.pid_exists(killed[0][0])
+    assert (report.written_shards, report.images) == (9, 36)
+    table, reference = read_output(out), read_output(local_output)
+    assert sorted(table["id"].to_pylist()) == sorted(set(reference["id"].to_pylist()))
+    assert_same_rows(table.sort_by("id"), reference.sort_by("id"))
+
+
+def test_only_the_ray_path_imports_ray() -> None:
+    code = (
+        "import sys, interactive.runtime.cli, interactive.runtime.index, "
+        "interactive.runtime.ray_index; print('ray' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "False", result.stderr
