@@ -5,13 +5,18 @@ BIN := $(VENV)/bin
 SOURCE ?= tests/data
 ENGINE ?=
 OUT ?= out
+# `make bench`: the default benchmark (under five minutes on a laptop CPU); a full VGG-16 engine
+# with random weights is exported first if BENCH_ENGINE holds none. More flags: BENCH_ARGS.
+BENCH_ENGINE ?= engines/vgg16-last-p2-random0
+BENCH_ARGS ?=
 
-.PHONY: help install run test test-fast lint format typecheck clean
+.PHONY: help install run test test-fast lint format typecheck clean bench
 
 help:
 	@echo "make run [SOURCE=dir]  install, export the default engine for SOURCE's buckets, extract"
 	@echo "make test              install, lint, type-check and run the whole test suite"
 	@echo "make test-fast         the suite without the slow tests"
+	@echo "make bench [BENCH_ARGS=...]  backends vs autograd peers and floors (interactive bench)"
 	@echo "make lint | format | typecheck | clean"
 
 $(BIN)/python:
@@ -30,6 +35,11 @@ install: $(VENV)/.installed
 
 run: install
 	$(BIN)/python -m interactive.export.quickstart $(SOURCE) --out $(OUT) $(if $(ENGINE),--engine $(ENGINE))
+
+bench: install
+	test -f $(BENCH_ENGINE)/manifest.json || $(BIN)/interactive export --weights random:0 \
+		--buckets 512x512 --out $(BENCH_ENGINE)
+	$(BIN)/interactive bench --engine $(BENCH_ENGINE) $(BENCH_ARGS)
 
 test: install lint typecheck
 	$(BIN)/python -m pytest -q

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,8 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
+
+from interactive.bench.machine import cpu_flags, cpu_model
 
 RSS_SCRIPT = """
 import json, sys
@@ -55,26 +56,6 @@ def timed(fn, reps: int) -> list[float]:
         fn()
         samples.append(time.perf_counter() - start)
     return samples
-
-
-def cpuinfo(key: str) -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(key):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
-def cpu_model() -> str:
-    return cpuinfo("model name") or platform.processor()
-
-
-def cpu_flags() -> list[str]:
-    flags = set(cpuinfo("flags").split())
-    return [f for f in ["avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"] if f in flags]
 
 
 def engine_vs_reference(engine: Path, reps: int) -> dict:

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from PIL import Image
 
-DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
+from interactive.bench.harness import DATA, save_crop
+
 SIZES = [(1600, 1200), (1400, 1400), (1024, 768)]  # two buckets: 576x448 and 512x512
 
 
@@ -36,11 +37,8 @@ def make_collection(root: Path, n: int) -> list[Path]:
     files = []
     for i in range(n):
         w, h = SIZES[i % len(SIZES)]
-        photo = photos[i % len(photos)]
-        scale = max(w / photo.width, h / photo.height)
-        big = photo.resize((int(photo.width * scale) + 1, int(photo.height * scale) + 1))
         path = root / f"photo{i:05d}.jpg"
-        big.crop((0, 0, w, h)).save(path, quality=90)
+        save_crop(photos[i % len(photos)], (w, h), path)
         files.append(path)
     return files
 

@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_extract(sub)
     _add_index(sub)
     _add_viz(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -320,6 +321,30 @@ def _run_viz(args: argparse.Namespace) -> int:
         )  # fmt: skip
     print(f"wrote {path}")
     return EXIT_OK
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    # Every argument goes to interactive.bench's own parser (imported only when run, since it
+    # needs torch): no '-' prefix here, so `--engine ...` is collected rather than parsed.
+    p = sub.add_parser(
+        "bench",
+        add_help=False,
+        prefix_chars="\0",
+        help="latency, throughput and FLOP rate of every backend against the peers (needs torch)",
+    )
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(handler=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    try:
+        from interactive.bench.harness import main as bench_main
+    except ImportError as err:
+        raise RuntimeError(
+            f"interactive bench needs torch, captum and matplotlib ({err}); install them with "
+            "`pip install 'interactive[export,bench]'`"
+        ) from err
+    return bench_main(args.bench_args)
 
 
 if __name__ == "__main__":

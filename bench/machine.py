@@ -1,0 +1,133 @@
+"""What machine a benchmark ran on, and what its matrix multiply can do.
+
+These machines differ from day to day (AVX2 on some, AVX-512 or AMX on others), so every run
+records the CPU, its vector extensions and library versions, and measures the matmul rate that
+each result is then expressed as a fraction of.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+# The vector extensions that decide what a CPU run can reach (fp32 FMA width, bf16 dot products,
+# AMX tiles), as /proc/cpuinfo spells them.
+VECTOR_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+PACKAGES = ("torch", "onnxruntime", "onnx", "numpy", "captum", "tensorrt", "interactive")
+
+
+def cpuinfo(key: str) -> str:
+    """The first /proc/cpuinfo value of `key` ("" where there is none, e.g. on macOS)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(key):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def cpu_model() -> str:
+    return cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    flags = set(cpuinfo("flags").split())
+    return [f for f in VECTOR_FLAGS if f in flags]
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on (the affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions (None: not installed). The tensorrt stub package counts as absent."""
+    out: dict[str, str | None] = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def gpu_name() -> str | None:
+    """The CUDA device's name when torch sees one (torch is imported only to ask)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def machine_info() -> dict[str, Any]:
+    return {
+        "cpu": cpu_model(),
+        "flags": cpu_flags(),
+        "cores": usable_cores(),
+        "logical_cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "hostname": platform.node(),
+        "versions": package_versions(),
+    }
+
+
+def _rate(matmul: Any, n: int, seconds: float = 0.5) -> float:
+    """GFLOP/s of `matmul()` (an n x n x n product): best of the repetitions that fit `seconds`."""
+    matmul()  # warm-up: thread pools, packing buffers, cuBLAS handles
+    best, spent = float("inf"), 0.0
+    while spent < seconds or best == float("inf"):
+        start = time.perf_counter()
+        matmul()
+        took = time.perf_counter() - start
+        best, spent = min(best, took), spent + took
+    return 2 * n**3 / best / 1e9
+
+
+def matmul_rates(device: str = "cpu", n: int = 2048) -> dict[str, float]:
+    """Measured matmul GFLOP/s per precision: the hardware limit each result is a fraction of.
+
+    CPU: numpy fp32 and torch fp32/bf16. CUDA: torch fp32 (TF32 off), bf16 and fp16.
+    """
+    import numpy as np
+    import torch
+
+    rates: dict[str, float] = {}
+    if device == "cpu":
+        a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+        rates["numpy-fp32"] = _rate(lambda: a @ a, n)
+    for precision, dtype in _torch_dtypes(device).items():
+        x = torch.randn(n, n, device=device).to(dtype)
+
+        def product(x: torch.Tensor = x) -> None:
+            torch.matmul(x, x)
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        torch.backends.cuda.matmul.allow_tf32 = False
+        rates[f"torch-{precision}"] = _rate(product, n)
+    return rates
+
+
+def _torch_dtypes(device: str) -> dict[str, Any]:
+    import torch
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    if device == "cuda":
+        dtypes["fp16"] = torch.float16
+    return dtypes
+
+
+def peak_rate(rates: dict[str, float], precision: str) -> float | None:
+    """The best measured matmul rate at `precision` (any library), or None if not measured."""
+    found = [r for name, r in rates.items() if name.endswith(f"-{precision}")]
+    return max(found) if found else None

@@ -1,0 +1,224 @@
+"""A run's Markdown section, its plots, and the ratios between two runs (`--compare`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from interactive.runtime.buckets import format_size
+
+PEER_LABELS = {
+    "reference": "autograd reference",
+    "naive": "naive per-layer autograd",
+    "captum": "Captum LayerGradientXActivation",
+    "torch-forward": "torch eager forward-only",
+}
+
+
+def label(case: dict[str, Any]) -> str:
+    if case["kind"] == "peer":
+        return PEER_LABELS[case["peer"]]
+    return f"{case['target']} forward-only" if case["variant"] == "forward" else case["target"]
+
+
+def bucket_text(case: dict[str, Any]) -> str:
+    return format_size((case["bucket"][0], case["bucket"][1]))
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _ratio(case: dict[str, Any], name: str) -> str:
+    value = case.get("ratios", {}).get(name)
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def markdown(run: dict[str, Any], json_path: Path | None = None) -> str:
+    m, s = run["machine"], run["settings"]
+    rates = ", ".join(f"{k} {v:.0f}" for k, v in run["matmul"].get("gflops", {}).items())
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
+    e = run["engine"]["export"]
+    lines = [
+        f"## {run['settings'].get('title') or 'interactive bench'}, {run['created']}",
+        "",
+        f"Machine: {m['cpu']}{gpu}, {s['threads']} threads of {m['cores']} usable cores, flags "
+        f"{', '.join(m['flags']) or 'none'}; {versions}. Measured matmul GFLOP/s "
+        f"({run['matmul']['device']}): {rates or 'n/a'}.",
+        "",
+        f"Command: `{run['command']}`" + (f" (JSON: `{json_path}`)" if json_path else "") + ".",
+        f"Engine: {e['arch']} width 1/{e['width_div']}, `{e['config']}`, p = {e['p']}, "
+        f"{len(e['layers'])} layers, weights {e['weights']}. {s['reps']} timed calls per case "
+        f"after {s['warmup']} warm-up call(s), each case in a fresh process.",
+        "",
+        "| mode | case | bucket | batch | prec | ms/image p50 | ms/batch p50 / p90 / p99 / max "
+        "| images/s | GFLOP/s | of matmul | vs reference | vs torch fwd | bwd eff. "
+        "| peak RSS MB | load s | first call s |",
+        "|" + "---|" * 16,
+    ]
+    shown = set()
+    for case in run["cases"]:
+        # A skipped backend's forward-only twin is skipped for the same reason: one row for both.
+        key = (case["mode"], case["target"], bucket_text(case), case["batch"], case["precision"])
+        if case.get("status") == "skipped" and key in shown:
+            continue
+        shown.add(key)
+        lines.append(_row(case))
+    lines += ["", *_cost_lines(run), *_target_lines(run), *_profile_lines(run)]
+    return "\n".join(lines) + "\n"
+
+
+def _row(case: dict[str, Any]) -> str:
+    head = (
+        f"| {case['mode']} | {label(case)} | {bucket_text(case)} | {case['batch']} "
+        f"| {case['precision']} "
+    )
+    if case.get("status") != "ok":
+        return head + f"| {case.get('status', '?')}: {case.get('reason', '')} |" + " |" * 10
+    st = case["stats"]
+    b = st["batch_s"]
+    batch_ms = " / ".join(f"{b[k] * 1000:.0f}" for k in ("p50", "p90", "p99", "max"))
+    fraction = st["matmul_fraction"]
+    return head + (
+        f"| {st['image_s']['p50'] * 1000:.1f} | {batch_ms} | {st['images_per_s']:.3g} "
+        f"| {st['gflops']:.1f} | {_num(fraction and fraction * 100, '.0f')}% "
+        f"| {_ratio(case, 'vs_reference')} | {_ratio(case, 'vs_torch_forward')} "
+        f"| {_num(case['ratios'].get('backward_efficiency'), '.2f')} "
+        f"| {case['peak_rss_mb']:.0f} | {case['load_s']:.2f} | {case['first_call_s']:.2f} |"
+    )
+
+
+def _cost_lines(run: dict[str, Any]) -> list[str]:
+    parts = []
+    for bucket, c in run["cost"].items():
+        i, f = c["interactive"], c["forward"]
+        parts.append(
+            f"{bucket}: {i['forward_gmac']:.1f} GMAC forward + {i['backward_gmac']:.1f} backward "
+            f"= {i['gflop']:.1f} GFLOP (forward-only ORIG {f['gflop']:.1f} GFLOP)"
+        )
+    return ["Cost model per image (ALGORITHM.md section 7): " + "; ".join(parts) + ".", ""]
+
+
+def _target_lines(run: dict[str, Any]) -> list[str]:
+    if not run.get("targets"):
+        return []
+    by_id = {c["id"]: c for c in run["cases"]}
+    lines = ["Targets (ratios from this run only):", ""]
+    for t in run["targets"]:
+        c = by_id[t["case"]]
+        verdict = "met" if t["met"] else "MISSED"
+        lines.append(
+            f"- {label(c)} {c['mode']} {bucket_text(c)} batch {c['batch']} {c['precision']}: "
+            f"{t['target']}: {t['value']:.2f} (limit {t['limit']}) {verdict}"
+        )
+    return [*lines, ""]
+
+
+def _profile_lines(run: dict[str, Any], top: int = 8) -> list[str]:
+    lines = []
+    for p in run.get("profiles", []):
+        if p.get("status") != "ok":
+            lines += [
+                f"Profile {label(p)} {bucket_text(p)}: {p.get('status')}: {p.get('reason')}",
+                "",
+            ]
+            continue
+        lines += [
+            f"ONNX Runtime profile, {label(p)} {bucket_text(p)} batch {p['batch']} ({p['runs']} "
+            f"runs, {p['run_ms']:.0f} ms per run, kernels {p['kernel_ms_per_run']:.0f} ms):",
+            "",
+            "| op type | ms/run | share |",
+            "|---|---|---|",
+            *(
+                f"| {r['name']} | {r['ms_per_run']:.1f} | {r['share'] * 100:.1f}% |"
+                for r in p["by_op_type"][:top]
+            ),
+            "",
+            "| node | op | ms/run | share |",
+            "|---|---|---|---|",
+            *(
+                f"| {r['name']} | {r.get('op', '')} | {r['ms_per_run']:.1f} "
+                f"| {r['share'] * 100:.1f}% |"
+                for r in p["by_node"][:top]
+            ),
+            "",
+        ]
+    return lines
+
+
+def append(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write("\n" + text)
+
+
+def plots(run: dict[str, Any], out: Path, stem: str) -> list[Path]:
+    """Throughput vs batch size per case and bucket; latency percentiles per case."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [c for c in run["cases"] if c.get("status") == "ok"]
+    series: dict[tuple[str, str, str, str], list[tuple[int, float]]] = {}
+    for c in ok:
+        key = (label(c), c["mode"], bucket_text(c), c["precision"])
+        series.setdefault(key, []).append((c["batch"], c["stats"]["images_per_s"]))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for key, points in sorted(series.items()):
+        points.sort()
+        ax.plot([b for b, _ in points], [v for _, v in points], marker="o", label=" ".join(key))
+    ax.set(xlabel="batch size", ylabel="images/s", title="Throughput vs batch size")
+    ax.legend(fontsize=7)
+    throughput = out / f"{stem}-throughput.png"
+    fig.savefig(throughput, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(9, max(3, 0.35 * len(ok) + 1)))
+    names = [f"{label(c)} {c['mode']} {bucket_text(c)} b{c['batch']} {c['precision']}" for c in ok]
+    for offset, percentile in enumerate(("p50", "p90", "p99", "max")):
+        ys = [i + offset * 0.2 for i in range(len(ok))]
+        widths = [c["stats"]["image_s"][percentile] * 1000 for c in ok]
+        ax.barh(ys, widths, height=0.2, label=percentile)
+    ax.set_yticks([i + 0.3 for i in range(len(ok))], names, fontsize=7)
+    ax.set(xlabel="ms per image", title="Latency percentiles")
+    ax.legend()
+    latency = out / f"{stem}-latency.png"
+    fig.savefig(latency, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return [throughput, latency]
+
+
+def case_key(case: dict[str, Any]) -> tuple[Any, ...]:
+    return (case["mode"], label(case), bucket_text(case), case["batch"], case["precision"],
+            case["device"])  # fmt: skip
+
+
+def compare(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """Per matching case, B / A of images/s and A / B of per-image p50 (> 1: B is faster)."""
+    cases_a = {case_key(c): c for c in a["cases"] if c.get("status") == "ok"}
+    lines = [
+        f"A: {a['created']} on {a['machine']['cpu']} (`{a['command']}`)",
+        f"B: {b['created']} on {b['machine']['cpu']} (`{b['command']}`)",
+        "Different machines or days: compare the within-run ratios, not the times.",
+        "",
+        "| mode | case | bucket | batch | prec | A ms/image | B ms/image | B speed-up | "
+        "A vs reference | B vs reference |",
+        "|" + "---|" * 10,
+    ]
+    matched = 0
+    for c in b["cases"]:
+        other = cases_a.get(case_key(c))
+        if c.get("status") != "ok" or other is None:
+            continue
+        matched += 1
+        ta, tb = other["stats"]["image_s"]["p50"], c["stats"]["image_s"]["p50"]
+        lines.append(
+            f"| {c['mode']} | {label(c)} | {bucket_text(c)} | {c['batch']} | {c['precision']} "
+            f"| {ta * 1000:.1f} | {tb * 1000:.1f} | {ta / tb:.2f}x "
+            f"| {_ratio(other, 'vs_reference')} | {_ratio(c, 'vs_reference')} |"
+        )
+    if not matched:
+        lines.append("| (no case in both runs) |" + " |" * 9)
+    return "\n".join(lines)
