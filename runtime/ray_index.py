@@ -59,6 +59,7 @@ log = logging.getLogger("interactive")
 # Rows per Ray batch sent to an actor, in engine batches: the actor groups a Ray batch's rows by
 # bucket (batches_by_bucket), so a few engine batches' worth keeps most engine batches full.
 ENGINE_BATCHES_PER_RAY_BATCH = 4
+DECODE_TASK_MEMORY = 256 * 2**20
 SHARD, POSITION = "_shard", "_position"  # where a row goes; dropped before writing
 
 DECODED = pa.schema(
@@ -259,13 +260,6 @@ def _pending(
     return blocks, sizes
 
 
-def _decode_task_args() -> dict[str, Any]:
-    """Decoding tasks' options. Set through a function because Ray Data never fuses such a stage
-    into the next: decoding stays in CPU tasks instead of running inside the extraction actors,
-    where it would keep a GPU waiting."""
-    return {"max_retries": 3}  # a task lost with its node is redone (a bad image is a row)
-
-
 def _results(
     ray: Any,
     blocks: list[pa.Table],
@@ -288,7 +282,11 @@ def _results(
         fn_kwargs={"engine": str(engine)},
         batch_format="pyarrow",
         batch_size=None,  # one block of paths per task
-        ray_remote_args_fn=_decode_task_args,
+        # What a decoding task holds at most (a large photo being decoded, a block of resized
+        # images): Ray packs no more decoders on a node than its memory fits. Being a resource
+        # shape the actors do not have, it also keeps Ray Data from fusing decoding into the
+        # actors, where it would keep a GPU waiting.
+        memory=DECODE_TASK_MEMORY,
     )
     features = decoded.map_batches(
         ExtractFeatures,
