@@ -126,7 +126,8 @@ def _profile_lines(run: dict[str, Any], top: int = 8) -> list[str]:
             continue
         lines += [
             f"ONNX Runtime profile, {label(p)} {bucket_text(p)} batch {p['batch']} ({p['runs']} "
-            f"runs, {p['run_ms']:.0f} ms per run, kernels {p['kernel_ms_per_run']:.0f} ms):",
+            f"runs, {p['run_ms']:.0f} ms per run, kernels {p['kernel_ms_per_run']:.0f} ms). "
+            + conv_split(p, run["cost"][bucket_text(p)][p["variant"]]["gflop"]),
             "",
             "| op type | ms/run | share |",
             "|---|---|---|",
@@ -145,6 +146,21 @@ def _profile_lines(run: dict[str, Any], top: int = 8) -> list[str]:
             "",
         ]
     return lines
+
+
+CONV_OPS = ("Conv", "FusedConv", "ConvTranspose")  # the ops that carry the cost model's FLOPs
+
+
+def conv_split(profile: dict[str, Any], gflop_per_image: float) -> str:
+    """Where the time goes: convolutions (and their rate over the model's FLOPs) vs the rest."""
+    conv = sum(r["ms_per_run"] for r in profile["by_op_type"] if r["name"] in CONV_OPS)
+    rest = profile["kernel_ms_per_run"] - conv
+    rate = gflop_per_image * profile["batch"] / (conv / 1000) if conv else 0.0
+    share = rest / profile["kernel_ms_per_run"] if profile["kernel_ms_per_run"] else 0.0
+    return (
+        f"Convolutions {conv:.0f} ms ({rate:.1f} GFLOP/s over the cost model's FLOPs); all other "
+        f"ops {rest:.0f} ms ({share * 100:.0f}% of kernel time)."
+    )
 
 
 def append(path: Path, text: str) -> None:
