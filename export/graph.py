@@ -10,12 +10,49 @@ first maximum of its 2x2 window, found with a space-to-depth reshape and ArgMax.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .reference import normalise
 from .spec import FeatureSpec, conv_weights, heatmap_name
+
+# Buffers that hold weights (cast to the compute dtype of a reduced-precision engine); the box
+# kernels and window indices stay as they are.
+WEIGHT_SUFFIXES = ("_weight", "_bias", "_weight_flipped")
+
+
+def buffer_key(unit_name: str, what: str) -> str:
+    """The graph's buffer for a unit's `what` ("weight", "bias", "weight_flipped").
+
+    The ONNX exporter keeps buffer names, so this is also the initializer's name in an engine's
+    graphs and weights table, e.g. `conv_3_2_weight`.
+    """
+    return f"{unit_name.replace('-', '_')}_{what}"
+
+
+def state_dict_from_buffers(
+    spec: FeatureSpec, buffers: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The torchvision-layout weights AnalyticGraph needs, from tensors named like its buffers
+    (an exported engine's initializers). Raises KeyError naming the first missing tensor."""
+    state_dict: dict[str, torch.Tensor] = {}
+    for u in spec.units[: spec.deepest_index() + 1]:
+        if u.is_pool:
+            continue
+        for what in ("weight", "bias"):
+            key = buffer_key(u.name, what)
+            if key not in buffers:
+                raise KeyError(f"no tensor {key!r} for {u.name}")
+            state_dict[f"{u.weight_key}.{what}"] = buffers[key]
+    return state_dict
+
+
+def full_precision(x: torch.Tensor) -> torch.Tensor:
+    """x as float32; x itself when it already is (so fp32 graphs record no Cast)."""
+    return x if x.dtype == torch.float32 else x.float()
 
 
 def window_switches(x: torch.Tensor, window_index: torch.Tensor) -> torch.Tensor:
@@ -38,6 +75,8 @@ class AnalyticGraph(nn.Module):
 
     `seed_scale` multiplies the top gradient and divides the outputs, so that reduced-precision
     engines do not underflow (ALGORITHM.md section 6); gamma is linear in the seed.
+    `cast_weights(torch.float16)` runs the convolutions in half precision; the activeness
+    collection (channel sums, box sums, means, the division by `seed_scale`) stays float32.
     """
 
     def __init__(
@@ -75,13 +114,23 @@ class AnalyticGraph(nn.Module):
             self.register_buffer(f"box_{k}x{k}", torch.ones(1, 1, k, k))
 
     def _key(self, i: int, what: str) -> str:
-        return f"{self.units[i].name.replace('-', '_')}_{what}"
+        return buffer_key(self.units[i].name, what)
+
+    def cast_weights(self, dtype: torch.dtype) -> AnalyticGraph:
+        """Hold the weights in `dtype`; the input is cast to it after normalisation."""
+        for name, value in list(self.named_buffers()):
+            if name.endswith(WEIGHT_SUFFIXES):
+                setattr(self, name, value.to(dtype))
+        return self
 
     def _param(self, i: int, what: str) -> torch.Tensor:
         return getattr(self, self._key(i, what))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = normalise(images)  # the reference's own arithmetic, so both see the same pixels
+        compute_dtype = self._param(0, "weight").dtype
+        if x.dtype != compute_dtype:  # reduced-precision engines only: fp32 graphs are unchanged
+            x = x.to(compute_dtype)
         maps: dict[int, torch.Tensor] = {}
         keep = self._kept_maps()
         for i, u in enumerate(self.units[: self.deepest + 1]):
@@ -95,9 +144,9 @@ class AnalyticGraph(nn.Module):
                 maps[i] = x
         out: dict[str, torch.Tensor] = {}
         if self.spec.config == "orig-avg":
-            out = {t: maps[i].mean(dim=(2, 3)) for i, t in self.requested.items()}
+            out = {t: full_precision(maps[i]).mean(dim=(2, 3)) for i, t in self.requested.items()}
         elif self.spec.config == "orig-max":
-            out = {t: maps[i].amax(dim=(2, 3)) for i, t in self.requested.items()}
+            out = {t: full_precision(maps[i].amax(dim=(2, 3))) for i, t in self.requested.items()}
         elif self.spec.config == "last":
             self._backward_from(self.deepest, maps, out)
         else:  # next: each layer's score sits on the unit right above it; no deep backward
@@ -162,8 +211,8 @@ class AnalyticGraph(nn.Module):
     ) -> None:
         """Layer i-1 under conv/fc unit i: gamma = KxK box sum of sum_d' |g_u| (section 5)."""
         u, t = self.units[i], self.requested[i - 1]
-        x_t = maps[i - 1]
-        gamma = g.abs().sum(dim=1, keepdim=True)
+        x_t = full_precision(maps[i - 1])
+        gamma = full_precision(g).abs().sum(dim=1, keepdim=True)
         if u.kernel > 1:
             box = getattr(self, f"box_{u.kernel}x{u.kernel}")
             gamma = F.conv_transpose2d(gamma, box, padding=u.padding)
@@ -184,10 +233,11 @@ class AnalyticGraph(nn.Module):
         sum over the pooled map of X_u * |grad|, divided by the positions of the layer below.
         """
         t = self.requested[i - 1]
-        x_t, x_u = maps[i - 1], maps[i]
-        magnitude = grad.abs().expand_as(x_u)
+        x_t, x_u = maps[i - 1], full_precision(maps[i])
+        magnitude = full_precision(grad).abs().expand_as(x_u)
         positions = x_t.shape[2] * x_t.shape[3]
         out[t] = (x_u * magnitude).sum(dim=(2, 3)) / (positions * self.seed_scale)
         if self.spec.heatmaps:
+            # half switches times float32 magnitudes: float32 by type promotion
             gamma = route_to_switches(magnitude, window_switches(x_t, self.window_index))
             out[heatmap_name(t)] = gamma.sum(dim=1) / self.seed_scale

@@ -1,0 +1,360 @@
+"""`backend="torch"`: the exported analytic graph run by PyTorch, on a CUDA GPU or the CPU.
+
+The module is AnalyticGraph itself (interactive.export.graph), the definition every ONNX file was
+exported from, with ONE set of weights for all buckets read from the engine directory: the
+tensors of `weights.bin` through the manifest's table, plus the few initializers under 1 KiB that
+the exporter keeps inside the graph files (small biases), read from one bucket's ONNX file with
+the minimal protobuf reader below, so that this backend needs torch but not the onnx package.
+Buffer names are the initializer names (`conv_3_2_weight`, ...): the ONNX exporter keeps them.
+
+Per bucket, `compile=True` gives a torch.compile'd graph specialised to that shape
+(dynamic=False); batches are padded to a power of two so that a bucket costs at most a dozen
+compilations however its batch sizes vary. fp16/bf16 hold the weights and run the convolutions
+in reduced precision, with the top gradient scaled by `seed_scale` so that nothing underflows
+(ALGORITHM.md section 6) and the activeness collection in float32.
+
+torch (and interactive.export) is imported only when this backend is used: the registry probes
+`unavailable_reason` without paying for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .manifest import EngineError, EngineManifest
+from .weights import mapped_weights
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# Scales the top gradient of fp16/bf16 engines (a power of two: exact in every format). The seed
+# is divided by the top unit's positions (100 for fc-7 at 512x512), so x256 brings it back to the
+# size of the activations, far above fp16's subnormals (6e-8) and far below its maximum (65504).
+REDUCED_SEED_SCALE = 256.0
+# Each distinct (bucket, padded batch) is one specialised graph; torch's default of 8 per code
+# object would silently fall back to eager after the first few.
+RECOMPILE_LIMIT = 512
+
+
+def _torch() -> Any:
+    import torch
+
+    return torch
+
+
+def unavailable_reason(manifest: EngineManifest | None = None) -> str | None:
+    """None when torch (and the exporter's graph module, which ships with this package) imports.
+
+    The backend runs on the CPU without a GPU; `device_unavailable_reason("cuda")` says whether
+    a CUDA device is usable.
+    """
+    try:
+        import torch  # noqa: F401
+
+        from interactive.export import graph  # noqa: F401
+    except ImportError as err:
+        return f"torch backend needs PyTorch: pip install 'interactive[torch]' ({err})"
+    if manifest is not None and "export" not in manifest.data:
+        return f"{manifest.directory}: the manifest has no export record to rebuild the graph from"
+    return None
+
+
+def device_unavailable_reason(device: str) -> str | None:
+    """None when torch can use `device` ("cpu", "cuda", "cuda:N"), otherwise why not."""
+    torch = _torch()
+    if not device.startswith("cuda"):
+        return None
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build (no CUDA)"
+    if not torch.cuda.is_available():
+        return f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no CUDA GPU"
+    index = torch.device(device).index or 0
+    if index >= torch.cuda.device_count():
+        return f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)"
+    return None
+
+
+def engine_spec(manifest: EngineManifest) -> Any:
+    """The FeatureSpec the engine was exported with (manifest["export"])."""
+    from interactive.export.spec import FeatureSpec
+
+    e = manifest.data["export"]
+    spec = FeatureSpec(
+        e["arch"], e["config"], int(e["p"]), tuple(e["layers"]), int(e["width_div"]), e["heatmaps"]
+    )
+    if spec.output_names() != manifest.outputs:
+        raise EngineError(
+            f"{manifest.directory}: the export record gives outputs {spec.output_names()}, "
+            f"the manifest lists {manifest.outputs}"
+        )
+    return spec
+
+
+class TorchBackend:
+    """The analytic graph in PyTorch: one module and one set of weights for every bucket.
+
+    Options (also through `Extractor.open(dir, backend="torch", ...)`):
+    - `device`: "auto" (CUDA when available, else the CPU), "cpu", "cuda" or "cuda:N".
+    - `precision`: "fp32", "bf16" or "fp16" (CPU too: fp16 is slow there unless the CPU has
+      native half arithmetic, but it checks the fp16 numerics without a GPU).
+    - `compile`: True, False or "auto" (on for CUDA, off on the CPU, where compiling takes longer
+      than most runs gain). `compile_mode`: torch.compile's mode, default "reduce-overhead" on
+      CUDA (CUDA graphs: one launch per batch instead of hundreds of kernels), "default" on the
+      CPU.
+    - `channels_last`: NHWC convolutions, default on for CUDA (tensor-core layout).
+    - `seed_scale`: the reduced-precision seed scale (default 256 for fp16/bf16, 1 for fp32).
+    """
+
+    name = "torch"
+
+    def __init__(
+        self,
+        manifest: EngineManifest,
+        *,
+        device: str = "auto",
+        precision: str = "fp32",
+        compile: bool | str = "auto",
+        compile_mode: str | None = None,
+        channels_last: bool | None = None,
+        seed_scale: float | None = None,
+    ) -> None:
+        torch = _torch()
+        self.manifest = manifest
+        self.device = torch.device(_resolve_device(device))
+        on_cuda = self.device.type == "cuda"
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+        self.precision = precision
+        self.dtype = getattr(torch, PRECISIONS[precision])
+        if compile not in (True, False, "auto"):
+            raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
+        self.compile = on_cuda if compile == "auto" else bool(compile)
+        if compile_mode is not None and compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
+        self.compile_mode = compile_mode or ("reduce-overhead" if on_cuda else "default")
+        if channels_last not in (None, True, False):
+            raise ValueError(f"channels_last must be True, False or None, got {channels_last!r}")
+        self.channels_last = on_cuda if channels_last is None else channels_last
+        if seed_scale is None:
+            seed_scale = 1.0 if precision == "fp32" else REDUCED_SEED_SCALE
+        if not seed_scale > 0:
+            raise ValueError(f"seed_scale must be positive, got {seed_scale!r}")
+        self.seed_scale = float(seed_scale)
+        self.spec = engine_spec(manifest)
+        self.module = self._build_module()
+        self._compiled: dict[tuple[tuple[int, int], int], Callable[..., Any]] = {}
+
+    def _build_module(self) -> Any:
+        from interactive.export.graph import AnalyticGraph, state_dict_from_buffers
+
+        torch = _torch()
+        tensors = {n: torch.tensor(a) for n, a in engine_tensors(self.manifest).items()}
+        try:
+            state_dict = state_dict_from_buffers(self.spec, tensors)
+        except KeyError as err:
+            raise EngineError(f"{self.manifest.directory}: {err.args[0]} in the engine") from err
+        module = AnalyticGraph(self.spec, state_dict, seed_scale=self.seed_scale).eval()
+        # The flipped backward kernels too come from the engine (as ORT's do), not recomputed.
+        stored = {n: t for n, t in tensors.items() if n.endswith("_weight_flipped")}
+        unexpected = module.load_state_dict(stored, strict=False).unexpected_keys
+        if unexpected:
+            raise EngineError(f"{self.manifest.directory}: tensors {unexpected} fit no buffer")
+        module.cast_weights(self.dtype)
+        if self.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        return module.to(self.device)
+
+    @property
+    def compiled_shapes(self) -> list[tuple[tuple[int, int], int]]:
+        """(bucket, padded batch) of every compiled graph so far."""
+        return list(self._compiled)
+
+    def run(self, bucket: tuple[int, int], images: np.ndarray) -> dict[str, np.ndarray]:
+        """Outputs for one same-bucket uint8 [N, H, W, 3] batch, float32, manifest's names."""
+        self.manifest.bucket_path(bucket)  # a bucket the engine lacks: its export command
+        _check_images(bucket, images)
+        torch = _torch()
+        n = images.shape[0]
+        with torch.inference_mode(), self._cudnn_settings():
+            x = torch.from_numpy(images if images.flags.writeable else images.copy())
+            if self.compile:
+                rows = 1 << (n - 1).bit_length()  # the next power of two
+                if rows > n:
+                    x = torch.cat([x, x.new_zeros((rows - n, *x.shape[1:]))])
+                graph = self._compiled_graph(bucket, rows)
+            else:
+                graph = self.module
+            values = graph(x.to(self.device, non_blocking=True))
+            return {
+                name: np.ascontiguousarray(v[:n].to("cpu", torch.float32).numpy())
+                for name, v in zip(self.manifest.outputs, values, strict=True)
+            }
+
+    @contextlib.contextmanager
+    def _cudnn_settings(self) -> Iterator[None]:
+        """cuDNN autotuning on (buckets are static shapes), and TF32 off for fp32 engines.
+
+        PyTorch lets cuDNN run fp32 convolutions in TF32 by default: its 10-bit mantissa is
+        fp16's, and an fp32 engine must meet fp32's tolerance. Restored afterwards, since the
+        flags are global.
+        """
+        cudnn = _torch().backends.cudnn
+        if self.device.type != "cuda":
+            yield
+            return
+        saved = cudnn.benchmark, cudnn.allow_tf32
+        cudnn.benchmark, cudnn.allow_tf32 = True, False
+        try:
+            yield
+        finally:
+            cudnn.benchmark, cudnn.allow_tf32 = saved
+
+    def _compiled_graph(self, bucket: tuple[int, int], rows: int) -> Callable[..., Any]:
+        found = self._compiled.get((bucket, rows))
+        if found is None:
+            torch = _torch()
+            compiled = torch.compile(
+                self.module, mode=self.compile_mode, dynamic=False, fullgraph=True
+            )
+
+            config = torch._dynamo.config
+            # torch < 2.6 calls it cache_size_limit
+            key = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+
+            def found(x: Any) -> Any:
+                with config.patch({key: RECOMPILE_LIMIT}):
+                    return compiled(x)
+
+            self._compiled[(bucket, rows)] = found
+        return found
+
+    def close(self) -> None:
+        self._compiled.clear()
+        if self.device.type == "cuda":
+            _torch().cuda.empty_cache()
+
+
+def _resolve_device(device: str) -> str:
+    if not isinstance(device, str) or not (
+        device in DEVICES or (device.startswith("cuda:") and device[5:].isdigit())
+    ):
+        raise ValueError(f"device must be one of {DEVICES} or 'cuda:N', got {device!r}")
+    if device == "auto":
+        return "cuda" if device_unavailable_reason("cuda") is None else "cpu"
+    reason = device_unavailable_reason(device)
+    if reason is not None:
+        raise EngineError(f"torch backend, device={device!r}: {reason}")
+    return device
+
+
+def _check_images(bucket: tuple[int, int], images: np.ndarray) -> None:
+    width, height = bucket
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+        raise ValueError(f"images must be a uint8 numpy array, got {_describe(images)}")
+    if images.ndim != 4 or images.shape[1:] != (height, width, 3) or images.shape[0] < 1:
+        raise ValueError(
+            f"images must be [N, {height}, {width}, 3] (NHWC RGB) for bucket {width}x{height}, "
+            f"got shape {images.shape}"
+        )
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, np.ndarray):
+        return f"an array of {value.dtype}"
+    return type(value).__name__
+
+
+def engine_tensors(manifest: EngineManifest) -> dict[str, np.ndarray]:
+    """Every initializer of the engine by name: weights.bin's (memory-mapped) and the small ones
+    stored inside the graph files (the same in every bucket; read from the first one)."""
+    weights = manifest.data["weights"]
+    tensors = dict(mapped_weights(manifest.directory / weights["file"], weights["tensors"]).arrays)
+    if not manifest.buckets:
+        raise EngineError(f"{manifest.directory}: the manifest lists no buckets")
+    inline = inline_initializers(manifest.bucket_path(manifest.buckets[0]))
+    tensors.update({n: a for n, a in inline.items() if n not in tensors})
+    return tensors
+
+
+# ONNX TensorProto.DataType -> numpy, for the types the exporter stores inline.
+ONNX_DTYPES = {1: np.float32, 6: np.int32, 7: np.int64, 10: np.float16, 11: np.float64}
+
+
+def inline_initializers(model: Path) -> dict[str, np.ndarray]:
+    """The initializers an ONNX file holds itself (raw_data), without the onnx package.
+
+    ModelProto.graph is field 7, GraphProto.initializer field 5; in a TensorProto, dims is field
+    1, data_type 2, name 8, raw_data 9. External tensors (no raw_data) are left out.
+    """
+    data = memoryview(model.read_bytes())
+    out: dict[str, np.ndarray] = {}
+    for number, graph in _fields(data):
+        if number != 7:
+            continue
+        for field, tensor in _fields(graph):
+            if field == 5:
+                _add_tensor(tensor, out, model)
+    return out
+
+
+def _add_tensor(tensor: Any, out: dict[str, np.ndarray], model: Path) -> None:
+    dims: list[int] = []
+    dtype, name, raw = 0, "", None
+    for number, value in _fields(tensor):
+        if number == 1:  # int64 dims: packed (bytes) or one varint per field
+            dims += _packed_varints(value) if isinstance(value, memoryview) else [value]
+        elif number == 2:
+            dtype = value
+        elif number == 8:
+            name = bytes(value).decode()
+        elif number == 9:
+            raw = value
+    if raw is None:
+        return
+    if dtype not in ONNX_DTYPES:
+        raise EngineError(f"{model}: initializer {name!r} has ONNX data type {dtype}")
+    out[name] = np.frombuffer(raw, dtype=ONNX_DTYPES[dtype]).reshape(dims).copy()
+
+
+def _varint(data: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+
+
+def _packed_varints(data: memoryview) -> list[int]:
+    values, pos = [], 0
+    while pos < len(data):
+        value, pos = _varint(data, pos)
+        values.append(value)
+    return values
+
+
+def _fields(data: memoryview) -> Iterator[tuple[int, Any]]:
+    """(field number, value) of a protobuf message: int for varints, bytes views otherwise."""
+    pos = 0
+    while pos < len(data):
+        key, pos = _varint(data, pos)
+        number, wire = key >> 3, key & 7
+        value: Any
+        if wire == 0:
+            value, pos = _varint(data, pos)
+        elif wire == 2:
+            length, pos = _varint(data, pos)
+            value, pos = data[pos : pos + length], pos + length
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            value, pos = data[pos : pos + size], pos + size
+        else:
+            raise EngineError(f"unsupported protobuf wire type {wire} (field {number})")
+        yield number, value
