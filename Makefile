@@ -10,13 +10,15 @@ OUT ?= out
 BENCH_ENGINE ?= engines/vgg16-last-p2-random0
 BENCH_ARGS ?=
 
-.PHONY: help install run test test-fast lint format typecheck clean bench
+.PHONY: help install run test test-fast lint format typecheck clean gpu-check bench
 
 help:
 	@echo "make run [SOURCE=dir]  install, export the default engine for SOURCE's buckets, extract"
 	@echo "make test              install, lint, type-check and run the whole test suite"
 	@echo "make test-fast         the suite without the slow tests"
 	@echo "make bench [BENCH_ARGS=...]  backends vs autograd peers and floors (interactive bench)"
+	@echo "make gpu-check [WHEELS=dir]  on a GPU host: every GPU backend's conformance and benchmark,"
+	@echo "                       one results file (bench/gpu_check.py; no venv, uses python3)"
 	@echo "make lint | format | typecheck | clean"
 
 $(BIN)/python:
@@ -57,6 +59,10 @@ format: install
 
 typecheck: install
 	$(BIN)/mypy runtime $(wildcard engines/*.py)
+
+# No venv and no install: the GPU host's own python3 (with torch) runs the check from this tree.
+gpu-check:
+	$(PYTHON) bench/gpu_check.py $(if $(WHEELS),--wheels $(WHEELS))
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache $(OUT)

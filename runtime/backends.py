@@ -58,11 +58,23 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
+def cuda_device_count() -> int:
+    """CUDA devices the driver sees; 0 without a driver or a GPU (no CUDA package needed)."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
 def ort_session(
     model: Path,
     initializers: dict[str, Any] | None = None,
     *,
-    providers: list[str] | None = None,
+    providers: list[Any] | None = None,
     threads: int = 0,
     prepack: bool = False,
 ) -> Any:
@@ -71,6 +83,7 @@ def ort_session(
     Prepacking (ORT's private reordered copy of every weight, per session) is off by default so
     that an extra bucket costs its activations only; `prepack=True` trades memory for speed.
     Layout optimisations above EXTENDED also copy weights per session, and measured no faster.
+    `providers` are names or (name, options) pairs, as onnxruntime takes them.
     """
     ort = _ort()
     options = ort.SessionOptions()
@@ -142,7 +155,7 @@ class OrtBackend:
         self,
         manifest: EngineManifest,
         *,
-        providers: list[str] | None = None,
+        providers: list[Any] | None = None,
         max_open_buckets: int = 4,
         threads: int = 0,
         prepack: bool = False,
@@ -210,7 +223,14 @@ def backend_status(name: str, manifest: EngineManifest | None = None) -> str | N
         module = _backend_module(name)
     except ImportError as err:
         return f"{name}: {err}"
-    reason: str | None = module.unavailable_reason(manifest)
+    return _unavailable_reason(module, name, manifest)
+
+
+def _unavailable_reason(module: Any, name: str, manifest: EngineManifest | None) -> str | None:
+    """The backend class's own `unavailable_reason` where it has one (two backends sharing a
+    module), else the module's."""
+    cls = getattr(module, REGISTRY[name][1])
+    reason: str | None = getattr(cls, "unavailable_reason", module.unavailable_reason)(manifest)
     return reason
 
 
@@ -227,7 +247,7 @@ def open_backend(manifest: EngineManifest, name: str = "auto", **options: Any) -
     if name == "auto":
         name = next(n for n in AUTO_ORDER if n == "ort" or backend_status(n, manifest) is None)
     module = _backend_module(name)
-    reason = module.unavailable_reason(manifest)
+    reason = _unavailable_reason(module, name, manifest)
     if reason is not None:
         raise EngineError(f"backend {name!r} cannot run here: {reason}")
     backend: Backend = getattr(module, REGISTRY[name][1])(manifest, **options)

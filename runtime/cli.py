@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     _add_export(sub)
+    _add_build(sub)
     _add_buckets(sub)
     _add_extract(sub)
     _add_index(sub)
@@ -132,6 +133,51 @@ def _run_export(args: argparse.Namespace) -> int:
         f"engine {manifest.directory}: {len(manifest.buckets)} buckets "
         f"({', '.join(format_size(b) for b in manifest.buckets)}) in "
         f"{time.perf_counter() - started:.0f} s"
+    )
+    return EXIT_OK
+
+
+def _add_build(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "build",
+        parents=[COMMON],
+        help="build TensorRT plans from an engine directory's graphs (needs TensorRT and a GPU)",
+        description="Build one weight-stripped TensorRT plan per bucket and precision beside the "
+        "engine's graphs (refitted from weights.bin at load), and record the build facts in the "
+        "manifest. Plans are tied to the GPU architecture and TensorRT version they were built "
+        "with.",
+    )
+    p.add_argument("--engine", required=True, type=Path, help="engine directory")
+    p.add_argument("--backend", required=True, choices=["tensorrt"])
+    p.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"])
+    p.add_argument("--max-batch", type=int, default=8, help="profile batch range 1..B (default 8)")
+    p.add_argument("--buckets", help="WxH,WxH (default: every bucket of the engine)")
+    p.add_argument("--workspace", type=float, default=4.0, help="builder workspace in GB")
+    p.add_argument("--lazy", action="store_true", help="build each plan on its first use instead")
+    p.add_argument("--force", action="store_true", help="rebuild plans that exist")
+    p.set_defaults(handler=_run_build)
+
+
+def _run_build(args: argparse.Namespace) -> int:
+    from interactive.engines.tensorrt_build import BuildSettings, build_plans
+
+    settings = BuildSettings(
+        precision=args.precision,
+        max_batch=args.max_batch,
+        workspace_gb=args.workspace,
+        lazy=args.lazy,
+        force=args.force,
+    )
+    buckets = [parse_size(b) for b in comma_list(args.buckets)] if args.buckets else None
+    started = time.perf_counter()
+    manifest = build_plans(
+        args.engine, settings, buckets, log=lambda line: print(line, file=sys.stderr, flush=True)
+    )
+    plans = manifest.data.get("tensorrt", {}).get("plans", {})
+    built = sorted(b for b, by_precision in plans.items() if args.precision in by_precision)
+    print(
+        f"engine {manifest.directory}: {args.precision} plans for {len(built)} buckets "
+        f"({', '.join(built) or 'none yet'}) in {time.perf_counter() - started:.0f} s"
     )
     return EXIT_OK
 

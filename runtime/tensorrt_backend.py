@@ -1,0 +1,477 @@
+"""`backend="tensorrt"`: TensorRT plans built by `interactive build --backend tensorrt`.
+
+NOT RUN ANYWHERE YET: written against TensorRT's and cuda-python's documented Python APIs and
+type-checked with mypy against tensorrt-stubs; no TensorRT or GPU was available where it was
+written. `make gpu-check` (bench/gpu_check.py) runs it on a GPU host.
+
+An engine directory's plans are weight-stripped: `bucket-WxH.PRECISION.plan` holds the kernels,
+and the weights are refitted at load from the directory's one `weights.bin`, through the
+TensorRT graph the builder wrote beside it (`bucket-WxH.PRECISION.trt.onnx`) and the ONNX
+parser's refitter. A plan is tied to its TensorRT version and GPU architecture: the manifest
+records both (`tensorrt.plans[bucket][precision]`), and a plan built for another is refused
+with the command that rebuilds it.
+
+Per bucket, the plan is deserialised on first use and kept in a bounded LRU with its device
+buffers. A batch goes through two CUDA streams: the uint8 pixels (4x fewer bytes than float)
+are copied from pinned host memory on an upload stream, and the plan runs on a compute stream;
+a batch larger than the plan's profile is split into profile-sized chunks whose uploads overlap
+the compute of the chunk before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import shlex
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .buckets import format_size
+from .manifest import EngineError, EngineManifest
+
+if TYPE_CHECKING:  # mypy checks the TensorRT calls against tensorrt-stubs
+    import tensorrt as trt
+
+log = logging.getLogger("interactive")
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+INSTALL = (
+    "pip install 'interactive[gpu]' tensorrt (TensorRT's wheels; NVIDIA's index: "
+    "--extra-index-url https://pypi.nvidia.com)"
+)
+
+
+def tensorrt_module() -> Any:
+    """The real `tensorrt` package, or an EngineError saying what to install.
+
+    tensorrt-stubs alone (the type-checking stubs) import as an empty namespace package.
+    """
+    try:
+        import tensorrt
+    except ImportError as err:
+        raise EngineError(f"TensorRT is not installed ({err}): {INSTALL}") from err
+    if not hasattr(tensorrt, "Builder"):
+        raise EngineError(f"only TensorRT's type stubs are installed, not TensorRT: {INSTALL}")
+    return tensorrt
+
+
+def cudart_module() -> Any:
+    """cuda-python's CUDA runtime bindings (`cuda.bindings.runtime`, or `cuda.cudart` before
+    cuda-python 12.6), or an EngineError saying what to install."""
+    try:
+        from cuda.bindings import runtime
+    except ImportError:
+        try:
+            from cuda import cudart as runtime
+        except ImportError as err:
+            raise EngineError(f"cuda-python is not installed ({err}): {INSTALL}") from err
+    return runtime
+
+
+def cuda_call(result: Any) -> Any:
+    """cuda-python calls return (error, *values): raise on an error, else the value(s)."""
+    error, *values = result if isinstance(result, tuple) else (result,)
+    if int(error) != 0:
+        _, name = cudart_module().cudaGetErrorName(error)
+        raise RuntimeError(
+            f"CUDA error {int(error)}: {name.decode() if isinstance(name, bytes) else name}"
+        )
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def gpu_facts(device: int = 0) -> dict[str, str]:
+    """What a plan is tied to on this host: TensorRT version, GPU name, compute capability."""
+    version = tensorrt_module().__version__
+    props = cuda_call(cudart_module().cudaGetDeviceProperties(device))
+    name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
+    return {
+        "tensorrt": str(version),
+        "gpu": name.rstrip("\x00").strip(),
+        "compute_capability": f"{props.major}.{props.minor}",
+    }
+
+
+def plan_name(bucket: tuple[int, int], precision: str) -> str:
+    return f"bucket-{format_size(bucket)}.{precision}.plan"
+
+
+def graph_name(bucket: tuple[int, int], precision: str) -> str:
+    return f"bucket-{format_size(bucket)}.{precision}.trt.onnx"
+
+
+def tensorrt_section(manifest: EngineManifest) -> dict[str, Any]:
+    """manifest["tensorrt"]: {"settings": last build's options, "plans": {bucket: {precision:
+    build facts}}}; empty sections when nothing was built."""
+    section: dict[str, Any] = manifest.data.get("tensorrt") or {}
+    section.setdefault("settings", {})
+    section.setdefault("plans", {})
+    return section
+
+
+def plan_facts(manifest: EngineManifest, bucket: tuple[int, int], precision: str) -> dict | None:
+    found: dict | None = (
+        tensorrt_section(manifest)["plans"].get(format_size(bucket), {}).get(precision)
+    )
+    return found
+
+
+def build_command(
+    manifest: EngineManifest,
+    precision: str,
+    buckets: list[tuple[int, int]] | None = None,
+    max_batch: int | None = None,
+    force: bool = False,
+) -> str:
+    """The `interactive build` command that (re)builds these plans."""
+    args = ["interactive", "build", "--engine", str(manifest.directory), "--backend", "tensorrt"]
+    args += ["--precision", precision]
+    if buckets:
+        args += ["--buckets", ",".join(format_size(b) for b in buckets)]
+    if max_batch:
+        args += ["--max-batch", str(max_batch)]
+    if force:
+        args.append("--force")
+    return shlex.join(args)
+
+
+def plan_incompatibility(facts: dict[str, Any], here: dict[str, str]) -> str | None:
+    """Why a plan built with `facts` cannot run `here` (gpu_facts() plus the engine's
+    `weights_sha256`), or None. Same TensorRT version and compute capability are required
+    (TensorRT refuses anything else); the same weights too, since plans are refitted from the
+    directory's weights under REFIT_IDENTICAL."""
+    problems = []
+    if facts.get("tensorrt") != here.get("tensorrt"):
+        problems.append(f"TensorRT {facts.get('tensorrt')} (this host has {here.get('tensorrt')})")
+    if facts.get("compute_capability") != here.get("compute_capability"):
+        problems.append(
+            f"{facts.get('gpu')}, compute capability {facts.get('compute_capability')} (this "
+            f"host has {here.get('gpu')}, {here.get('compute_capability')})"
+        )
+    if "weights_sha256" in here and facts.get("weights_sha256") != here["weights_sha256"]:
+        problems.append("other weights than this directory's weights.bin")
+    return "built for " + " and ".join(problems) if problems else None
+
+
+def here_facts(manifest: EngineManifest, device: int = 0) -> dict[str, str]:
+    facts = gpu_facts(device)
+    sha = manifest.data.get("weights", {}).get("sha256")
+    if sha:
+        facts["weights_sha256"] = str(sha)
+    return facts
+
+
+def _library_reason() -> str | None:
+    try:
+        tensorrt_module()
+        cudart_module()
+    except EngineError as err:
+        return f"tensorrt: {err}"
+    from .backends import cuda_device_count
+
+    if cuda_device_count() == 0:
+        return "tensorrt: no CUDA GPU (the CUDA driver finds none)"
+    return None
+
+
+def unavailable_reason(manifest: EngineManifest | None = None) -> str | None:
+    """None when TensorRT, cuda-python and a GPU are here and, given a manifest, when it has
+    a plan for this GPU and TensorRT version (or its build settings say `lazy`)."""
+    reason = _library_reason()
+    if reason is not None or manifest is None:
+        return reason
+    section = tensorrt_section(manifest)
+    if section["settings"].get("lazy"):
+        return None
+    here = here_facts(manifest)
+    refused: list[tuple[str, str, str]] = []  # (bucket, precision, why)
+    for bucket, by_precision in section["plans"].items():
+        for precision, facts in by_precision.items():
+            why = plan_incompatibility(facts, here)
+            if why is None:
+                return None
+            refused.append((bucket, precision, why))
+    if not refused:
+        return (
+            f"tensorrt: {manifest.directory} has no TensorRT plans; build them with "
+            f"`{build_command(manifest, 'fp16')}`"
+        )
+    return (
+        f"tensorrt: no plan in {manifest.directory} runs here ("
+        + "; ".join(f"{b} {p}: {why}" for b, p, why in refused[:3])
+        + f"); rebuild with `{build_command(manifest, refused[0][1], force=True)}`"
+    )
+
+
+class _PinnedArray:
+    """Page-locked host memory viewed as a numpy array (freed by `free`)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        rt = cudart_module()
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        self.pointer = int(cuda_call(rt.cudaHostAlloc(nbytes, rt.cudaHostAllocDefault)))
+        raw = (ctypes.c_uint8 * nbytes).from_address(self.pointer)
+        self.array: np.ndarray = np.frombuffer(memoryview(raw), dtype=dtype).reshape(shape)
+
+    def free(self) -> None:
+        cuda_call(cudart_module().cudaFreeHost(self.pointer))
+
+
+@dataclass
+class _Slot:
+    """One of two buffer sets: pinned and device input, device and pinned outputs, events."""
+
+    pinned_in: _PinnedArray
+    device_in: int
+    device_out: dict[str, int]
+    pinned_out: dict[str, _PinnedArray]
+    uploaded: Any  # event: the input copy finished (the compute stream waits on it)
+    done: Any  # event: the outputs are back in pinned memory (the host waits on it)
+    rows: tuple[int, int] | None = None  # the batch rows this slot holds, until collected
+
+
+class _BucketPlan:
+    """One bucket's refitted engine, its execution context and two slots of buffers."""
+
+    def __init__(
+        self,
+        runtime: trt.Runtime,
+        logger: trt.ILogger,
+        manifest: EngineManifest,
+        bucket: tuple[int, int],
+        precision: str,
+    ) -> None:
+        self.bucket = bucket
+        self.input_name = manifest.input_name
+        self.output_names = manifest.outputs
+        plan = (manifest.directory / plan_name(bucket, precision)).read_bytes()
+        engine = runtime.deserialize_cuda_engine(plan)
+        if engine is None:
+            raise EngineError(
+                f"TensorRT could not load {plan_name(bucket, precision)} (see its log); rebuild "
+                f"it with `{build_command(manifest, precision, [bucket], force=True)}`"
+            )
+        _refit(logger, engine, manifest.directory / graph_name(bucket, precision))
+        self.engine = engine
+        self.context = engine.create_execution_context()
+        width, height = bucket
+        self.max_batch = int(engine.get_tensor_profile_shape(self.input_name, 0)[2][0])
+        self.context.set_input_shape(self.input_name, (self.max_batch, height, width, 3))
+        self.row_shapes: dict[str, tuple[int, ...]] = {
+            name: self.context.get_tensor_shape(name)[1:] for name in self.output_names
+        }
+        self.slots = [self._slot() for _ in range(2)]
+
+    def _slot(self) -> _Slot:
+        rt = cudart_module()
+        width, height = self.bucket
+        pinned_in = _PinnedArray((self.max_batch, height, width, 3), np.dtype(np.uint8))
+        device_out, pinned_out = {}, {}
+        for name, row in self.row_shapes.items():
+            shape = (self.max_batch, *row)
+            pinned_out[name] = _PinnedArray(shape, np.dtype(np.float32))
+            device_out[name] = int(cuda_call(rt.cudaMalloc(pinned_out[name].array.nbytes)))
+        flags = rt.cudaEventDisableTiming
+        return _Slot(
+            pinned_in=pinned_in,
+            device_in=int(cuda_call(rt.cudaMalloc(pinned_in.array.nbytes))),
+            device_out=device_out,
+            pinned_out=pinned_out,
+            uploaded=cuda_call(rt.cudaEventCreateWithFlags(flags)),
+            done=cuda_call(rt.cudaEventCreateWithFlags(flags)),
+        )
+
+    def run(self, images: np.ndarray, upload: Any, compute: Any) -> dict[str, np.ndarray]:
+        """Outputs of a uint8 [N, H, W, 3] batch, in chunks of at most max_batch rows."""
+        rt = cudart_module()
+        n = len(images)
+        results = {k: np.empty((n, *row), np.float32) for k, row in self.row_shapes.items()}
+        for k, start in enumerate(range(0, n, self.max_batch)):
+            slot = self.slots[k % 2]
+            self._collect(slot, results)  # waits for the chunk that used this slot two steps ago
+            stop = min(start + self.max_batch, n)
+            rows = stop - start
+            pinned = slot.pinned_in.array[:rows]
+            pinned[...] = images[start:stop]
+            h2d, d2h = (
+                rt.cudaMemcpyKind.cudaMemcpyHostToDevice,
+                rt.cudaMemcpyKind.cudaMemcpyDeviceToHost,
+            )
+            cuda_call(
+                rt.cudaMemcpyAsync(
+                    slot.device_in, slot.pinned_in.pointer, pinned.nbytes, h2d, upload
+                )
+            )
+            cuda_call(rt.cudaEventRecord(slot.uploaded, upload))
+            cuda_call(rt.cudaStreamWaitEvent(compute, slot.uploaded, 0))
+            self.context.set_input_shape(self.input_name, (rows, *images.shape[1:]))
+            self.context.set_tensor_address(self.input_name, slot.device_in)
+            for name, pointer in slot.device_out.items():
+                self.context.set_tensor_address(name, pointer)
+            if not self.context.execute_async_v3(int(compute)):
+                raise RuntimeError(f"TensorRT failed to enqueue bucket {format_size(self.bucket)}")
+            for name, pinned_out in slot.pinned_out.items():
+                nbytes = rows * pinned_out.array[0].nbytes
+                cuda_call(
+                    rt.cudaMemcpyAsync(
+                        pinned_out.pointer, slot.device_out[name], nbytes, d2h, compute
+                    )
+                )
+            cuda_call(rt.cudaEventRecord(slot.done, compute))
+            slot.rows = (start, stop)
+        for slot in self.slots:
+            self._collect(slot, results)
+        return results
+
+    def _collect(self, slot: _Slot, results: dict[str, np.ndarray]) -> None:
+        if slot.rows is None:
+            return
+        cuda_call(cudart_module().cudaEventSynchronize(slot.done))
+        start, stop = slot.rows
+        for name, pinned_out in slot.pinned_out.items():
+            results[name][start:stop] = pinned_out.array[: stop - start]
+        slot.rows = None
+
+    def free(self) -> None:
+        rt = cudart_module()
+        for slot in self.slots:
+            slot.pinned_in.free()
+            cuda_call(rt.cudaFree(slot.device_in))
+            for name, pointer in slot.device_out.items():
+                cuda_call(rt.cudaFree(pointer))
+                slot.pinned_out[name].free()
+            cuda_call(rt.cudaEventDestroy(slot.uploaded))
+            cuda_call(rt.cudaEventDestroy(slot.done))
+        self.slots = []
+
+
+def _refit(logger: trt.ILogger, engine: trt.ICudaEngine, graph: Path) -> None:
+    """Fill a weight-stripped engine with the weights its graph points to (weights.bin)."""
+    import tensorrt as trt
+
+    refitter = trt.Refitter(engine, logger)
+    parser_refitter = trt.OnnxParserRefitter(refitter, logger)
+    if not parser_refitter.refit_from_file(str(graph)):
+        errors = [str(parser_refitter.get_error(i)) for i in range(parser_refitter.num_errors)]
+        raise EngineError(
+            f"TensorRT could not refit from {graph}: {'; '.join(errors) or 'see its log'}"
+        )
+    if not refitter.refit_cuda_engine():
+        raise EngineError(f"TensorRT could not refit the engine of {graph} (see its log)")
+
+
+class TensorRTBackend:
+    """TensorRT plans of one precision, deserialised per bucket on first use.
+
+    Options (also through `Extractor.open(dir, backend="tensorrt", ...)`):
+    - `precision`: "fp32", "fp16" or "bf16"; default the last build's (manifest settings).
+    - `lazy`: build a bucket's missing plan on first use (default: the manifest's setting,
+      which `interactive build --lazy` records); building takes minutes per bucket.
+    - `device`: CUDA device index (default 0). `max_open_buckets`: engines kept (default 4).
+    """
+
+    name = "tensorrt"
+
+    def __init__(
+        self,
+        manifest: EngineManifest,
+        *,
+        precision: str | None = None,
+        lazy: bool | None = None,
+        device: int = 0,
+        max_open_buckets: int = 4,
+    ) -> None:
+        settings = tensorrt_section(manifest)["settings"]
+        self.precision = precision or settings.get("precision", "fp32")
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
+        if max_open_buckets < 1:
+            raise ValueError(f"max_open_buckets must be at least 1, got {max_open_buckets}")
+        self.manifest = manifest
+        self.lazy = bool(settings.get("lazy")) if lazy is None else lazy
+        self.device = device
+        self.max_open_buckets = max_open_buckets
+        tensorrt_module()  # a clear error when TensorRT is missing
+        import tensorrt as trt
+
+        rt = cudart_module()
+        cuda_call(rt.cudaSetDevice(device))
+        self.logger: trt.ILogger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        flags = rt.cudaStreamNonBlocking
+        self.upload = cuda_call(rt.cudaStreamCreateWithFlags(flags))
+        self.compute = cuda_call(rt.cudaStreamCreateWithFlags(flags))
+        self._here = here_facts(manifest, device)
+        self._plans: OrderedDict[tuple[int, int], _BucketPlan] = OrderedDict()
+
+    def plan(self, bucket: tuple[int, int]) -> _BucketPlan:
+        found = self._plans.get(bucket)
+        if found is not None:
+            self._plans.move_to_end(bucket)
+            return found
+        self._check_plan(bucket)
+        plan = _BucketPlan(self.runtime, self.logger, self.manifest, bucket, self.precision)
+        self._plans[bucket] = plan
+        while len(self._plans) > self.max_open_buckets:
+            self._plans.popitem(last=False)[1].free()
+        return plan
+
+    def _check_plan(self, bucket: tuple[int, int]) -> None:
+        """Refuse a plan built elsewhere; build a missing one when lazy, else say how."""
+        self.manifest.bucket_path(bucket)  # a bucket without a graph names the export command
+        facts = plan_facts(self.manifest, bucket, self.precision)
+        if facts is None and self.lazy:
+            from interactive.engines.tensorrt_build import BuildSettings, build_plans
+
+            settings = BuildSettings.from_manifest(
+                self.manifest,
+                precision=self.precision,
+                force=True,  # force: build now
+            )
+            log.warning(
+                "building the TensorRT %s plan of bucket %s (lazy)",
+                self.precision,
+                format_size(bucket),
+            )
+            self.manifest = build_plans(self.manifest.directory, settings, [bucket], log=log.info)
+            facts = plan_facts(self.manifest, bucket, self.precision)
+        if facts is None:
+            raise EngineError(
+                f"{self.manifest.directory} has no TensorRT {self.precision} plan for bucket "
+                f"{format_size(bucket)}; build it with "
+                f"`{build_command(self.manifest, self.precision, [bucket])}`"
+            )
+        why = plan_incompatibility(facts, self._here)
+        if why is not None:
+            max_batch = facts.get("batch", {}).get("max")
+            rebuild = build_command(self.manifest, self.precision, [bucket], max_batch, force=True)
+            raise EngineError(
+                f"{plan_name(bucket, self.precision)} was {why}; rebuild it with `{rebuild}`"
+            )
+        if facts.get("gpu") != self._here["gpu"]:
+            log.warning(
+                "%s was tuned on %s, this is %s (same architecture): it runs, maybe slower",
+                plan_name(bucket, self.precision), facts.get("gpu"), self._here["gpu"],
+            )  # fmt: skip
+
+    def run(self, bucket: tuple[int, int], images: np.ndarray) -> dict[str, np.ndarray]:
+        from .ort_gpu import check_batch
+
+        return self.plan(bucket).run(check_batch(bucket, images), self.upload, self.compute)
+
+    def close(self) -> None:
+        for plan in self._plans.values():
+            plan.free()
+        self._plans.clear()
+        rt = cudart_module()
+        for stream in (self.upload, self.compute):
+            if stream is not None:
+                cuda_call(rt.cudaStreamDestroy(stream))
+        self.upload = self.compute = None
