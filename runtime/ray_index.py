@@ -38,6 +38,7 @@ from .api import Extractor
 from .images import PreparedImage
 from .index import (
     RUN_MANIFEST,
+    IndexJobError,
     IndexOptions,
     IndexReport,
     _check_layers,
@@ -209,7 +210,7 @@ def run_ray_index(
     is on the driver's filesystem; ENGINE and the images must be readable on every node.
     """
     if actors < 1:
-        raise ValueError(f"--actors must be at least 1, got {actors}")
+        raise IndexJobError(f"--actors must be at least 1, got {actors}")
     with Extractor.open(engine, backend="ort") as checker:  # opens no session: checks only
         _check_layers(options, checker)
         run = _run_manifest(source, checker.manifest, options)
@@ -225,8 +226,11 @@ def run_ray_index(
         if owned:
             ray.init(address=address, logging_level=logging.WARNING)
         try:
-            for rows in _results(ray, blocks, engine, options, backend, actors, gpus_per_actor,
-                                 progress):  # fmt: skip
+            stream = _results(
+                ray, blocks, engine, options,
+                backend=backend, actors=actors, gpus_per_actor=gpus_per_actor, progress=progress,
+            )  # fmt: skip
+            for rows in stream:
                 writer.add(rows)
         finally:
             if owned:
@@ -265,6 +269,7 @@ def _results(
     blocks: list[pa.Table],
     engine: Path,
     options: IndexOptions,
+    *,
     backend: str,
     actors: int,
     gpus_per_actor: float | None,
@@ -274,8 +279,15 @@ def _results(
     context = ray.data.DataContext.get_current()
     if progress is not None:
         context.enable_progress_bars = progress
+    resources = ray.cluster_resources()
     if gpus_per_actor is None:
-        gpus_per_actor = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+        gpus_per_actor = 1.0 if resources.get("GPU", 0) >= 1 else 0.0
+    cpus = resources.get("CPU", 0)
+    if actors > cpus - 1:  # each actor takes a CPU: decoding tasks would wait forever
+        raise IndexJobError(
+            f"--actors {actors} would take all {cpus:g} CPUs of the Ray cluster and leave none "
+            f"for decoding; use at most {max(int(cpus) - 1, 0)} (or add nodes)"
+        )
     dataset = ray.data.from_arrow(blocks)
     decoded = dataset.map_batches(
         decode_block,

@@ -22,7 +22,7 @@ import pytest
 from test_index import make_collection, read_output
 
 from interactive.runtime.cli import EXIT_PARTIAL, main
-from interactive.runtime.index import IndexOptions, run_index
+from interactive.runtime.index import IndexJobError, IndexOptions, run_index
 from interactive.runtime.parquet import layer_matrix
 from interactive.runtime.ray_index import run_ray_index
 
@@ -157,6 +157,13 @@ def test_a_killed_actor_leaves_every_input_exactly_once(
     table, reference = read_output(out), read_output(local_output)
     assert sorted(table["id"].to_pylist()) == sorted(set(reference["id"].to_pylist()))
     assert_same_rows(table.sort_by("id"), reference.sort_by("id"))
+
+
+def test_actors_must_leave_a_cpu_for_decoding(
+    ray_local: None, narrow_engine: Path, collection: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(IndexJobError, match="leave none for decoding; use at most 1"):
+        run_ray_index(collection, narrow_engine, tmp_path / "o", IndexOptions(), actors=2)
 
 
 def test_only_the_ray_path_imports_ray() -> None:
