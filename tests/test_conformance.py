@@ -40,6 +40,9 @@ CUDA = {"device": "cuda"}
 CASES = [
     pytest.param("ort", {"providers": ["CPUExecutionProvider"]}, "fp32", id="ort-cpu"),
     pytest.param("torch", {**CPU, "compile": False}, "fp32", id="torch-cpu-fp32"),
+    pytest.param(  # CUDA's default layout, checked on the CPU
+        "torch", {**CPU, "channels_last": True}, "fp32", id="torch-cpu-fp32-channels-last"
+    ),
     pytest.param(
         "torch",
         {**CPU, "compile": True},

@@ -58,8 +58,11 @@ def test_bad_options_name_the_option(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         TorchBackend(manifest, **options)
+
+
+def test_unknown_option_is_named(narrow_engine: Path) -> None:
     with pytest.raises(TypeError, match="threads"):
-        TorchBackend(manifest, threads=2)  # type: ignore[call-arg]
+        Extractor.open(narrow_engine, backend="torch", threads=2)
 
 
 def test_cuda_without_a_gpu_says_why(manifest: EngineManifest) -> None:
