@@ -181,7 +181,8 @@ class TorchBackend:
         torch = _torch()
         n = images.shape[0]
         with torch.inference_mode(), self._cudnn_settings():
-            x = torch.from_numpy(images if images.flags.writeable else images.copy())
+            pixels = np.ascontiguousarray(images)
+            x = torch.from_numpy(pixels if pixels.flags.writeable else pixels.copy())
             if self.compile:
                 rows = 1 << (n - 1).bit_length()  # the next power of two
                 if rows > n:
@@ -226,11 +227,11 @@ class TorchBackend:
             # torch < 2.6 calls it cache_size_limit
             key = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
 
-            def found(x: Any) -> Any:
+            def run_compiled(x: Any) -> Any:
                 with config.patch({key: RECOMPILE_LIMIT}):
                     return compiled(x)
 
-            self._compiled[(bucket, rows)] = found
+            found = self._compiled[(bucket, rows)] = run_compiled
         return found
 
     def close(self) -> None:

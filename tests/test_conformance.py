@@ -29,9 +29,9 @@ from conftest import photos
 
 gpu = pytest.mark.gpu
 tensorrt = pytest.mark.tensorrt
-# Measured on the narrow random network (CPU): bf16's 8-bit mantissa puts conv-4-3's features of
-# one image at 2.1e-2, just over ALGORITHM.md's 2e-2 (fp16: at most 7.9e-3). strict: the day it
-# conforms, this mark must go.
+# Measured on the CPU: bf16's 8-bit mantissa puts conv-4-3's features of one image at 2.1e-2 on
+# the narrow network (2.0e-2 on full-width VGG-16), just over ALGORITHM.md's 2e-2 (fp16: at most
+# 7.9e-3). strict: the day it conforms, this mark must go.
 BF16_FEATURES = "bf16 features beyond 2e-2 (measured 2.1e-2 on conv-4-3 of the narrow network)"
 CPU = {"device": "cpu"}
 CUDA = {"device": "cuda"}
@@ -137,7 +137,8 @@ def test_backend_conforms_to_reference(
         # Reduced precision, features conform: the heatmaps do not. Measured (CPU fp16): the
         # half-precision forward pass flips ReLU masks at near-zero pre-activations, which shows
         # in full at those positions (3e-2 to 6e-2; with an fp32 forward and an fp16 backward,
-        # 3e-4). Features average the flips out. Reported, not hidden: see the xfail reason.
+        # 3e-4). Features average the flips out, and so do wide layers: full-width VGG-16 in fp16
+        # conforms, heatmaps included (at most 1.5e-2). Reported, not hidden: see the reason.
         worst = sorted(heatmap_failures, key=lambda f: float(f.rsplit(" ", 1)[1]))[-1]
         pytest.xfail(
             f"{name} {precision}: features conform; {len(heatmap_failures)} heatmap outputs "

@@ -97,6 +97,16 @@ def test_bad_images_and_buckets_are_named(manifest: EngineManifest) -> None:
         backend.run((320, 224), images(1, (320, 224)))
 
 
+def test_read_only_and_strided_images_are_accepted(manifest: EngineManifest) -> None:
+    backend = TorchBackend(manifest, device="cpu")
+    batch = images(2, seed=5)
+    want = backend.run(BUCKET, np.ascontiguousarray(batch[:, ::-1]))
+    read_only = batch[:, ::-1]  # negative strides, and not writeable
+    read_only.flags.writeable = False
+    got = backend.run(BUCKET, read_only)
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
 def test_seed_scale_divides_out(manifest: EngineManifest) -> None:
     """gamma is linear in the seed: a scaled fp32 run gives the same outputs."""
     batch = images(2, seed=1)
