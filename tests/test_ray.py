@@ -117,15 +117,14 @@ def test_ray_job_equals_the_local_job_and_resumes(
     assert_same_rows(read_output(out), read_output(local_output))
 
 
-def extraction_actor_pids() -> list[int]:
-    """Processes of Ray Data's extraction actors (Ray titles them after the actor class)."""
-    pids = []
+def extraction_actors() -> dict[int, str]:
+    """pid -> title of Ray Data's extraction actors (Ray titles them after the actor class)."""
+    actors = {}
     for process in psutil.process_iter(["cmdline"]):
         title = " ".join(process.info["cmdline"] or [])
         if title.startswith("ray::") and "ExtractFeatures" in title:
-            assert "decode_block" not in title, f"decoding must run in CPU tasks: {title}"
-            pids.append(process.pid)
-    return pids
+            actors[process.pid] = title
+    return actors
 
 
 def test_a_killed_actor_leaves_every_input_exactly_once(
@@ -133,25 +132,26 @@ def test_a_killed_actor_leaves_every_input_exactly_once(
 ) -> None:
     out = tmp_path / "ray"
     options = IndexOptions(**{**OPTIONS, "batch_size": 1, "shard_size": 4})  # 9 shards
-    killed: list[tuple[int, int]] = []  # (pid, shards on disk when it was killed)
+    killed: list[tuple[int, str, int]] = []  # (pid, title, shards on disk when it was killed)
     restarted: list[int] = []
 
     def kill_the_actor_mid_job() -> None:
         deadline = time.time() + 60
         while not (out / "part-00000.parquet").exists() and time.time() < deadline:
             time.sleep(0.01)
-        for pid in extraction_actor_pids():
+        for pid, title in extraction_actors().items():
             os.kill(pid, signal.SIGKILL)
-            killed.append((pid, len(list(out.glob("part-*.parquet")))))
+            killed.append((pid, title, len(list(out.glob("part-*.parquet")))))
         while not restarted and time.time() < deadline:  # Ray starts a new one
-            restarted.extend(set(extraction_actor_pids()) - {pid for pid, _ in killed})
+            restarted.extend(set(extraction_actors()) - {pid for pid, _, _ in killed})
             time.sleep(0.05)
 
     killer = threading.Thread(target=kill_the_actor_mid_job)
     killer.start()
     report = run_ray_index(collection, narrow_engine, out, options, actors=1, progress=False)
     killer.join()
-    assert len(killed) == 1 and killed[0][1] < 9, f"the kill must land mid-job: {killed}"
+    assert len(killed) == 1 and killed[0][2] < 9, f"the kill must land mid-job: {killed}"
+    assert "decode_block" not in killed[0][1], "decoding must run in CPU tasks, not in actors"
     assert restarted and not psutil.pid_exists(killed[0][0])
     assert (report.written_shards, report.images) == (9, 36)
     table, reference = read_output(out), read_output(local_output)
