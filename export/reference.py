@@ -19,8 +19,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def normalise(images: torch.Tensor) -> torch.Tensor:
     """uint8 [N, H, W, 3] RGB -> float32 [N, 3, H, W], /255 then ImageNet mean/std (section 2.3)."""
     x = images.permute(0, 3, 1, 2).float() / 255.0
-    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=x.dtype).view(1, 3, 1, 1)
+    # on the images' device: the torch backend normalises on the GPU
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 

@@ -107,6 +107,18 @@ def test_read_only_and_strided_images_are_accepted(manifest: EngineManifest) -> 
     assert all(np.array_equal(got[k], want[k]) for k in want)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_graph_stays_on_the_input_device(manifest: EngineManifest, precision: str) -> None:
+    """No constant is made on the CPU (which would fail on a GPU): run on the meta device."""
+    import torch
+
+    module = TorchBackend(manifest, device="cpu", precision=precision).module.to("meta")
+    width, height = BUCKET
+    with torch.inference_mode():
+        outputs = module(torch.zeros((2, height, width, 3), dtype=torch.uint8, device="meta"))
+    assert [(o.device.type, o.dtype) for o in outputs] == [("meta", torch.float32)] * len(outputs)
+
+
 def test_seed_scale_divides_out(manifest: EngineManifest) -> None:
     """gamma is linear in the seed: a scaled fp32 run gives the same outputs."""
     batch = images(2, seed=1)
