@@ -186,7 +186,9 @@ class AnalyticGraph(nn.Module):
                 if i - 1 > low:
                     grad = route_to_switches(grad, window_switches(maps[i - 1], self.window_index))
             else:
-                g = torch.where(maps[i] > 0, grad, torch.zeros_like(grad))
+                # The ReLU mask as a multiply: ONNX Runtime's Where is about 6x slower than
+                # Greater + Cast + Mul on the CPU (7% of the whole engine at 512x512).
+                g = grad * (maps[i] > 0).to(grad.dtype)
                 if i - 1 in self.requested:
                     self._collect_below_conv(i, g, maps, out)
                 if i - 1 > low:
