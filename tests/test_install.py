@@ -38,6 +38,8 @@ PACKAGE_DIRS = {
 def python_sources_only(folder: str, names: list[str]) -> set[str]:
     """copytree's ignore: the Python modules only (engines/ also holds local engine artifacts)."""
     return {n for n in names if not n.endswith(".py") or n == "__pycache__"}
+
+
 DROPPED_ENV = ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "__PYVENV_LAUNCHER__")
 PIP_TIMEOUT_S = 300
 RUN_TIMEOUT_S = 60
