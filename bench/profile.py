@@ -1,8 +1,7 @@
 """Where an ONNX Runtime session spends its time: ORT's own per-node profile, by op type and node.
 
-The session has the runtime's settings (runtime.backends.ort_session, repeated here because
-profiling is a SessionOptions field that function does not expose) plus `enable_profiling`;
-the warm-up runs are dropped from the totals.
+The session is the runtime's own (runtime.backends.ort_session) with profiling on; the warm-up
+runs are dropped from the totals.
 """
 
 from __future__ import annotations
@@ -34,24 +33,16 @@ def profile_ort(case: dict[str, Any]) -> dict[str, Any]:
 
 
 def profiling_session(manifest: Any, case: dict[str, Any], prefix: Path) -> Any:
-    """An InferenceSession as runtime.backends.ort_session opens it, with profiling on."""
-    import onnxruntime as ort
+    """An InferenceSession as the ort backend opens it (runtime.backends.ort_session), profiling."""
+    from interactive.runtime.backends import engine_initializers, ort_session
 
-    from interactive.runtime.backends import default_providers, engine_initializers
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.intra_op_num_threads = case["threads"]
-    options.enable_cpu_mem_arena = False
-    options.add_session_config_entry("session.disable_prepacking", "1")
-    options.log_severity_level = 3
-    options.enable_profiling = True
-    options.profile_file_prefix = str(prefix)
-    for name, value in engine_initializers(manifest).items():
-        options.add_initializer(name, value)
-    model = manifest.bucket_path(tuple(case["bucket"]))
-    providers = case["options"].get("providers") or default_providers()
-    return ort.InferenceSession(str(model), options, providers=providers)
+    return ort_session(
+        manifest.bucket_path(tuple(case["bucket"])),
+        engine_initializers(manifest),
+        providers=case["options"].get("providers"),
+        threads=case["threads"],
+        profile_prefix=prefix,
+    )
 
 
 def aggregate_trace(trace: list[dict[str, Any]], skip_runs: int = 1) -> dict[str, Any]:

@@ -181,12 +181,25 @@ def plots(run: dict[str, Any], out: Path, stem: str) -> list[Path]:
     for c in ok:
         key = (label(c), c["mode"], bucket_text(c), c["precision"])
         series.setdefault(key, []).append((c["batch"], c["stats"]["images_per_s"]))
-    fig, ax = plt.subplots(figsize=(8, 5))
+    # One colour per case, one line style per bucket: 16+ series stay tellable apart.
+    cases = sorted({key[0] for key in series})
+    buckets = sorted({key[2] for key in series})
+    colours = plt.get_cmap("tab10" if len(cases) <= 10 else "tab20").colors
+    styles = ["-", "--", ":", "-."]
+    fig, ax = plt.subplots(figsize=(9, 5))
     for key, points in sorted(series.items()):
         points.sort()
-        ax.plot([b for b, _ in points], [v for _, v in points], marker="o", label=" ".join(key))
+        ax.plot(
+            [b for b, _ in points],
+            [v for _, v in points],
+            marker="o",
+            color=colours[cases.index(key[0]) % len(colours)],
+            linestyle=styles[buckets.index(key[2]) % len(styles)],
+            label=" ".join(key),
+        )
     ax.set(xlabel="batch size", ylabel="images/s", title="Throughput vs batch size")
-    ax.legend(fontsize=7)
+    ax.set_xticks(sorted({b for points in series.values() for b, _ in points}))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     throughput = out / f"{stem}-throughput.png"
     fig.savefig(throughput, dpi=100, bbox_inches="tight")
     plt.close(fig)

@@ -80,10 +80,14 @@ class Extractor:
     def open(
         cls, engine_dir: str | os.PathLike[str], backend: str = "auto", **options: Any
     ) -> Extractor:
-        """Open `engine_dir` (made by `interactive export`). `backend`: "auto" or "ort".
+        """Open `engine_dir` (made by `interactive export`) with `backend`.
 
-        Options go to the backend, e.g. `max_open_buckets=4` (sessions kept open, least recently
-        used closed first), `threads=0` (all cores), `providers=[...]` (ONNX Runtime).
+        `backend`: "auto" (TensorRT plans for this GPU, else ONNX Runtime CUDA, else ONNX Runtime
+        CPU), or one of "ort", "ort-cuda", "ort-tensorrt", "torch", "tensorrt"
+        (runtime/backends.py; a backend that cannot run here raises EngineError saying why).
+        Options go to the backend, e.g. for "ort": `max_open_buckets=4` (sessions kept open,
+        least recently used closed first), `threads=0` (all cores); for "torch": `device`,
+        `precision`, `compile`; for "tensorrt": `precision`, `lazy`.
         """
         manifest = EngineManifest.load(engine_dir)
         return cls(manifest, open_backend(manifest, backend, **options))

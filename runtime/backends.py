@@ -77,6 +77,7 @@ def ort_session(
     providers: list[Any] | None = None,
     threads: int = 0,
     prepack: bool = False,
+    profile_prefix: Path | None = None,
 ) -> Any:
     """An InferenceSession whose weights come from `initializers` (shared OrtValues), not copies.
 
@@ -84,6 +85,7 @@ def ort_session(
     that an extra bucket costs its activations only; `prepack=True` trades memory for speed.
     Layout optimisations above EXTENDED also copy weights per session, and measured no faster.
     `providers` are names or (name, options) pairs, as onnxruntime takes them.
+    `profile_prefix` turns on ORT's per-node profiler (session.end_profiling() writes the trace).
     """
     ort = _ort()
     options = ort.SessionOptions()
@@ -92,6 +94,9 @@ def ort_session(
     options.enable_cpu_mem_arena = False  # give activations back between batches
     options.add_session_config_entry("session.disable_prepacking", "0" if prepack else "1")
     options.log_severity_level = 3
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
     for name, value in (initializers or {}).items():
         options.add_initializer(name, value)
     return ort.InferenceSession(str(model), options, providers=providers or default_providers())

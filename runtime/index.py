@@ -135,7 +135,8 @@ def _text_paths(source: Path) -> Iterator[str]:
                 yield line.rstrip("\n")
 
 
-def _limited(sources: Iterator[str], limit: int | None) -> Iterator[str]:
+def limited(sources: Iterator[str], limit: int | None) -> Iterator[str]:
+    """The first `limit` sources (all when None)."""
     return sources if limit is None else islice(sources, limit)
 
 
@@ -211,22 +212,22 @@ def run_index(
 ) -> IndexReport:
     """Index SOURCE into OUTDIR; returns what was done. Errors in the job itself raise early."""
     extractor = Extractor.open(engine, backend=backend)
-    _check_layers(options, extractor)
-    sources = _limited(iter_sources(source, options.path_column), options.limit)
-    run = _run_manifest(source, extractor.manifest, options)
-    _prepare_outdir(out, run, overwrite)
+    check_layers(options, extractor)
+    sources = limited(iter_sources(source, options.path_column), options.limit)
+    run = run_manifest(source, extractor.manifest, options)
+    prepare_outdir(out, run, overwrite)
     report = IndexReport()
     started = time.perf_counter()
 
     def count() -> int:
-        return sum(1 for _ in _limited(iter_sources(source, options.path_column), options.limit))
+        return sum(1 for _ in limited(iter_sources(source, options.path_column), options.limit))
 
     bar = _Progress(progress, count)
     pool = None
     if workers > 0:
         pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(engine),))
     try:
-        for k, paths in enumerate(_chunks(sources, options.shard_size)):
+        for k, paths in enumerate(chunks(sources, options.shard_size)):
             target = out / shard_name(k)
             if target.exists():
                 report.skipped_shards += 1
@@ -256,17 +257,19 @@ def run_index(
         bar.close()
     report.seconds = time.perf_counter() - started
     run["result"] = {**asdict(report), "by_bucket": dict(report.by_bucket)}
-    _write_json(out / RUN_MANIFEST, run)
+    write_json(out / RUN_MANIFEST, run)
     return report
 
 
-def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
+def chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    """Consecutive lists of `size` items (the last may be shorter): how shards are cut."""
     iterator = iter(items)
     while chunk := list(islice(iterator, size)):
         yield chunk
 
 
-def _check_layers(options: IndexOptions, extractor: Extractor) -> None:
+def check_layers(options: IndexOptions, extractor: Extractor) -> None:
+    """Raise IndexJobError when the options ask for what the engine cannot give."""
     if options.batch_size < 1 or options.shard_size < 1:
         raise IndexJobError("--batch-size and --shard-size must be at least 1")
     if options.normalize not in ("none", "l2"):
@@ -280,7 +283,8 @@ def _check_layers(options: IndexOptions, extractor: Extractor) -> None:
         raise IndexJobError(f"--layers {unknown}: not in this engine ({extractor.layers})")
 
 
-def _run_manifest(source: Path, engine: EngineManifest, options: IndexOptions) -> dict[str, Any]:
+def run_manifest(source: Path, engine: EngineManifest, options: IndexOptions) -> dict[str, Any]:
+    """The settings a rerun must repeat to resume OUTDIR (written as _manifest.json)."""
     return {
         "source": str(source),
         "options": asdict(options),
@@ -294,7 +298,7 @@ def _run_manifest(source: Path, engine: EngineManifest, options: IndexOptions) -
     }
 
 
-def _prepare_outdir(out: Path, run: dict[str, Any], overwrite: bool) -> None:
+def prepare_outdir(out: Path, run: dict[str, Any], overwrite: bool) -> None:
     """Refuse an OUTDIR holding another job's output, unless `overwrite` clears it."""
     previous = out / RUN_MANIFEST
     if previous.exists():
@@ -311,12 +315,13 @@ def _prepare_outdir(out: Path, run: dict[str, Any], overwrite: bool) -> None:
                 part.unlink()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(previous, {**run, "result": None})
+        write_json(previous, {**run, "result": None})
     except OSError as err:
         raise IndexJobError(f"cannot write to -o {out}: {err.strerror or err}") from err
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Replace `path` atomically with `data` as JSON."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     os.replace(tmp, path)
@@ -331,7 +336,7 @@ def dry_run(source: Path, engine: Path, options: IndexOptions) -> dict[str, Any]
     manifest = EngineManifest.load(engine)
     histogram: Counter = Counter()
     unreadable = 0
-    for path in _limited(iter_sources(source, options.path_column), options.limit):
+    for path in limited(iter_sources(source, options.path_column), options.limit):
         try:
             histogram[manifest.bucket_for(*image_size(path))] += 1
         except ImageError:

@@ -41,16 +41,16 @@ from .index import (
     IndexJobError,
     IndexOptions,
     IndexReport,
-    _check_layers,
-    _chunks,
-    _limited,
-    _prepare_outdir,
-    _run_manifest,
-    _write_json,
+    check_layers,
+    chunks,
     iter_sources,
+    limited,
     prepare_or_error,
+    prepare_outdir,
+    run_manifest,
     shard_name,
     source_id,
+    write_json,
 )
 from .manifest import EngineManifest
 from .parquet import features_table, write_table
@@ -212,10 +212,10 @@ def run_ray_index(
     if actors < 1:
         raise IndexJobError(f"--actors must be at least 1, got {actors}")
     with Extractor.open(engine, backend="ort") as checker:  # opens no session: checks only
-        _check_layers(options, checker)
-        run = _run_manifest(source, checker.manifest, options)
-    sources = _limited(iter_sources(source, options.path_column), options.limit)
-    _prepare_outdir(out, run, overwrite)
+        check_layers(options, checker)
+        run = run_manifest(source, checker.manifest, options)
+    sources = limited(iter_sources(source, options.path_column), options.limit)
+    prepare_outdir(out, run, overwrite)
     report = IndexReport()
     started = time.perf_counter()
     blocks, sizes = _pending(sources, out, options, report)
@@ -239,7 +239,7 @@ def run_ray_index(
             raise RuntimeError(f"Ray lost the rows of shards {writer.missing}; rerun to resume")
     report.seconds = time.perf_counter() - started
     run["result"] = {**asdict(report), "by_bucket": dict(report.by_bucket)}
-    _write_json(out / RUN_MANIFEST, run)
+    write_json(out / RUN_MANIFEST, run)
     return report
 
 
@@ -250,7 +250,7 @@ def _pending(
     block_rows = options.batch_size * ENGINE_BATCHES_PER_RAY_BATCH
     blocks: list[pa.Table] = []
     sizes: dict[int, int] = {}
-    for k, paths in enumerate(_chunks(sources, options.shard_size)):
+    for k, paths in enumerate(chunks(sources, options.shard_size)):
         target = out / shard_name(k)
         if target.exists():
             report.skipped_shards += 1
