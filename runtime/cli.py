@@ -7,6 +7,7 @@ usage; 3 the command finished but some images failed (their rows say why).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from .buckets import all_buckets, bucket_for, format_size, parse_size
 from .manifest import PAPER_LAYERS, EngineError
@@ -61,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def optional_module(name: str, needs: str, install: str) -> Any:
+    """Import `name` (a part that needs optional packages), or a RuntimeError saying what to
+    install; the CLI prints it as a one-line error."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        raise RuntimeError(f"{needs} ({err}); install them with {install}") from err
+
+
 def comma_list(text: str) -> list[str]:
     """`--layers a, b,` -> ["a", "b"]: the one parser of comma-separated flags."""
     return [item.strip() for item in text.split(",") if item.strip()]
@@ -106,13 +117,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    try:
-        from interactive.export.exporter import ExportRequest, export_engine
-    except ImportError as err:
-        raise RuntimeError(
-            f"interactive export needs torch and onnx ({err}); install them with "
-            "`pip install torch==2.13.0` (CPU) then `pip install 'interactive[export]'`"
-        ) from err
+    exporter = optional_module(
+        "interactive.export.exporter",
+        "interactive export needs torch and onnx",
+        "`pip install torch==2.13.0` (CPU) then `pip install 'interactive[export]'`",
+    )
+    ExportRequest, export_engine = exporter.ExportRequest, exporter.export_engine
     request = ExportRequest(
         out=args.out,
         arch=args.arch,
@@ -383,14 +393,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    try:
-        from interactive.bench.harness import main as bench_main
-    except ImportError as err:
-        raise RuntimeError(
-            f"interactive bench needs torch, captum and matplotlib ({err}); install them with "
-            "`pip install 'interactive[export,bench]'`"
-        ) from err
-    return bench_main(args.bench_args)
+    harness = optional_module(
+        "interactive.bench.harness",
+        "interactive bench needs torch, captum and matplotlib",
+        "`pip install 'interactive[export,bench]'`",
+    )
+    return int(harness.main(args.bench_args))
 
 
 if __name__ == "__main__":
