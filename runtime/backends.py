@@ -149,7 +149,7 @@ class OrtBackend:
     """ONNX Runtime sessions opened lazily per bucket and kept in a bounded LRU.
 
     `release_memory` (default on) returns freed activations to the OS after every batch, so RSS
-    stays at one bucket's peak however many sizes go through (8% slower on the 2-core CPU at
+    stays at one bucket's peak however many sizes go through (0-8% slower on the 2-core CPU at
     512x512, batch 1; bench/RESULTS.md). `prepack` lets ORT keep its own reordered copy of the
     weights per session: a little faster, but every open bucket then costs a copy of them.
     """
