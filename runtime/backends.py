@@ -25,13 +25,15 @@ import ctypes
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
 from .manifest import EngineError, EngineManifest
 from .registry import AUTO_ORDER, BACKENDS, REGISTRY
 from .weights import MappedWeights, mapped_weights
+
+T = TypeVar("T")
 
 
 class Backend(Protocol):
@@ -145,6 +147,51 @@ def release_freed_memory() -> None:
         _malloc_trim(0)
 
 
+class BucketCache(Generic[T]):
+    """Per-bucket objects (sessions, plans) made on first use and kept in a bounded LRU: beyond
+    `size`, the least recently used is dropped and handed to `discard` (e.g. to free device
+    memory)."""
+
+    def __init__(
+        self,
+        size: int,
+        make: Callable[[tuple[int, int]], T],
+        discard: Callable[[T], None] | None = None,
+    ) -> None:
+        if size < 1:
+            raise ValueError(f"max_open_buckets must be at least 1, got {size}")
+        self.size = size
+        self.make = make
+        self.discard = discard
+        self._items: OrderedDict[tuple[int, int], T] = OrderedDict()
+
+    def get(self, bucket: tuple[int, int]) -> T:
+        found = self._items.get(bucket)
+        if found is not None:
+            self._items.move_to_end(bucket)
+            return found
+        item = self._items[bucket] = self.make(bucket)
+        while len(self._items) > self.size:
+            self._drop(self._items.popitem(last=False)[1])
+        return item
+
+    def __contains__(self, bucket: object) -> bool:
+        return bucket in self._items
+
+    @property
+    def buckets(self) -> list[tuple[int, int]]:
+        """Open buckets, least recently used first."""
+        return list(self._items)
+
+    def clear(self) -> None:
+        while self._items:
+            self._drop(self._items.popitem(last=False)[1])
+
+    def _drop(self, item: T) -> None:
+        if self.discard is not None:
+            self.discard(item)
+
+
 class OrtBackend:
     """ONNX Runtime sessions opened lazily per bucket and kept in a bounded LRU.
 
@@ -166,37 +213,28 @@ class OrtBackend:
         prepack: bool = False,
         release_memory: bool = True,
     ) -> None:
-        if max_open_buckets < 1:
-            raise ValueError(f"max_open_buckets must be at least 1, got {max_open_buckets}")
         self.manifest = manifest
         self.providers = providers or default_providers()
-        self.max_open_buckets = max_open_buckets
         self.threads = threads
         self.prepack = prepack
         self.release_memory = release_memory
-        self._sessions: OrderedDict[tuple[int, int], Any] = OrderedDict()
+        self._sessions: BucketCache[Any] = BucketCache(max_open_buckets, self._open_session)
 
     def session(self, bucket: tuple[int, int]) -> Any:
-        found = self._sessions.get(bucket)
-        if found is not None:
-            self._sessions.move_to_end(bucket)
-            return found
-        model = self.manifest.bucket_path(bucket)
-        session = ort_session(
-            model,
+        return self._sessions.get(bucket)
+
+    def _open_session(self, bucket: tuple[int, int]) -> Any:
+        return ort_session(
+            self.manifest.bucket_path(bucket),
             engine_initializers(self.manifest),
             providers=self.providers,
             threads=self.threads,
             prepack=self.prepack,
         )
-        self._sessions[bucket] = session
-        while len(self._sessions) > self.max_open_buckets:
-            self._sessions.popitem(last=False)
-        return session
 
     @property
     def open_buckets(self) -> list[tuple[int, int]]:
-        return list(self._sessions)
+        return self._sessions.buckets
 
     def run(self, bucket: tuple[int, int], images: np.ndarray) -> dict[str, np.ndarray]:
         outputs = self.manifest.outputs

@@ -23,13 +23,13 @@ from __future__ import annotations
 import ctypes
 import logging
 import shlex
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .backends import BucketCache
 from .buckets import format_size
 from .manifest import EngineError, EngineManifest
 
@@ -392,12 +392,12 @@ class TensorRTBackend:
             raise ValueError(
                 f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
             )
-        if max_open_buckets < 1:
-            raise ValueError(f"max_open_buckets must be at least 1, got {max_open_buckets}")
+        self._plans: BucketCache[_BucketPlan] = BucketCache(
+            max_open_buckets, self._load_plan, discard=_BucketPlan.free
+        )
         self.manifest = manifest
         self.lazy = bool(settings.get("lazy")) if lazy is None else lazy
         self.device = device
-        self.max_open_buckets = max_open_buckets
         tensorrt_module()  # a clear error when TensorRT is missing
         import tensorrt as trt
 
@@ -409,19 +409,13 @@ class TensorRTBackend:
         self.upload = cuda_call(rt.cudaStreamCreateWithFlags(flags))
         self.compute = cuda_call(rt.cudaStreamCreateWithFlags(flags))
         self._here = here_facts(manifest, device)
-        self._plans: OrderedDict[tuple[int, int], _BucketPlan] = OrderedDict()
 
     def plan(self, bucket: tuple[int, int]) -> _BucketPlan:
-        found = self._plans.get(bucket)
-        if found is not None:
-            self._plans.move_to_end(bucket)
-            return found
+        return self._plans.get(bucket)
+
+    def _load_plan(self, bucket: tuple[int, int]) -> _BucketPlan:
         self._check_plan(bucket)
-        plan = _BucketPlan(self.runtime, self.logger, self.manifest, bucket, self.precision)
-        self._plans[bucket] = plan
-        while len(self._plans) > self.max_open_buckets:
-            self._plans.popitem(last=False)[1].free()
-        return plan
+        return _BucketPlan(self.runtime, self.logger, self.manifest, bucket, self.precision)
 
     def _check_plan(self, bucket: tuple[int, int]) -> None:
         """Refuse a plan built elsewhere; build a missing one when lazy, else say how."""
@@ -467,9 +461,7 @@ class TensorRTBackend:
         return self.plan(bucket).run(check_batch(bucket, images), self.upload, self.compute)
 
     def close(self) -> None:
-        for plan in self._plans.values():
-            plan.free()
-        self._plans.clear()
+        self._plans.clear()  # frees each plan's buffers
         rt = cudart_module()
         for stream in (self.upload, self.compute):
             if stream is not None:

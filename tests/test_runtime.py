@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from interactive.runtime import Extractor
+from interactive.runtime.backends import BucketCache
 from interactive.runtime.cli import main as cli_main
 
 import imagegen
@@ -108,6 +109,29 @@ def test_sessions_are_bounded(narrow_engine: Path) -> None:
     with Extractor.open(narrow_engine, max_open_buckets=2) as ex:
         ex.extract(images)
         assert len(ex.backend.open_buckets) == 2
+
+
+def test_bucket_cache_keeps_the_recent_and_discards_the_rest() -> None:
+    made: list[tuple[int, int]] = []
+    discarded: list[str] = []
+
+    def make(bucket: tuple[int, int]) -> str:
+        made.append(bucket)
+        return f"plan {bucket}"
+
+    cache = BucketCache(2, make, discard=discarded.append)
+    a, b, c = (256, 256), (288, 224), (224, 288)
+    assert cache.get(a) == "plan (256, 256)"
+    cache.get(b)
+    cache.get(a)  # a is now the most recent: c evicts b
+    cache.get(c)
+    assert made == [a, b, c]
+    assert discarded == ["plan (288, 224)"]
+    assert cache.buckets == [a, c] and a in cache and b not in cache
+    cache.clear()
+    assert discarded == ["plan (288, 224)", "plan (256, 256)", "plan (224, 288)"]
+    with pytest.raises(ValueError, match="max_open_buckets must be at least 1, got 0"):
+        BucketCache(0, make)
 
 
 def test_runtime_never_imports_torch(narrow_engine: Path) -> None:
