@@ -12,9 +12,12 @@ collection size.
 from __future__ import annotations
 
 import csv
+import ctypes
 import hashlib
 import json
+import multiprocessing
 import os
+import signal
 import sys
 import threading
 import time
@@ -156,9 +159,26 @@ def shard_name(k: int) -> str:
 _worker_manifest: EngineManifest | None = None
 
 
-def _init_worker(engine: str) -> None:
+def _init_worker(engine: str, job_pid: int) -> None:
     global _worker_manifest
+    _die_with_the_job(job_pid)
     _worker_manifest = EngineManifest.load(engine)
+
+
+def _die_with_the_job(job_pid: int) -> None:
+    """Linux: the kernel kills this worker when the job's process dies, even by `kill -9`.
+
+    Without it a forked worker outlives a killed job, blocked for ever on a queue whose other end
+    it inherited. Elsewhere (no prctl) a no-op.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != job_pid:  # the job died before prctl took effect
+        os._exit(1)
 
 
 def _prepare(path: str) -> PreparedImage | str:
@@ -225,7 +245,15 @@ def run_index(
     bar = _Progress(progress, count)
     pool = None
     if workers > 0:
-        pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(engine),))
+        # fork on Linux (the default there up to Python 3.13; 3.14 moves to forkserver), so that
+        # a worker's parent is this job, which _die_with_the_job relies on.
+        context = multiprocessing.get_context("fork") if sys.platform == "linux" else None
+        pool = ProcessPoolExecutor(
+            workers,
+            mp_context=context,
+            initializer=_init_worker,
+            initargs=(str(engine), os.getpid()),
+        )
     try:
         for k, paths in enumerate(chunks(sources, options.shard_size)):
             target = out / shard_name(k)

@@ -155,6 +155,24 @@ def test_dry_run_names_missing_buckets(narrow_engine: Path, tmp_path: Path) -> N
     assert "--buckets 288x256" in result.stdout and not (tmp_path / "o").exists()
 
 
+def processes_running_with(argument: str, wait_s: float) -> list[int]:
+    """PIDs of live processes with `argument` in their command line, after up to `wait_s`."""
+    deadline = time.time() + wait_s
+    while True:
+        found = []
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+                state = (proc / "stat").read_text().split(") ")[-1][:1]
+            except OSError:
+                continue
+            if argument.encode() in cmdline and state != "Z":
+                found.append(int(proc.name))
+        if not found or time.time() > deadline:
+            return found
+        time.sleep(0.1)
+
+
 def test_resume_after_sigkill_is_exactly_once(
     narrow_engine: Path, collection: Path, tmp_path: Path
 ) -> None:
@@ -172,6 +190,7 @@ def test_resume_after_sigkill_is_exactly_once(
     process.wait()
     done_at_kill = len(list(out.glob("part-*.parquet")))
     assert 2 <= done_at_kill < 11, "the kill must land mid-run"
+    assert not processes_running_with(str(out), wait_s=10), "decoding workers outlived the job"
     assert cli(*args, "-o", str(out)).returncode == 3
     resumed, reference = read_output(out), read_output(whole)
     assert resumed.num_rows == reference.num_rows == 172
