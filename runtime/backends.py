@@ -147,6 +147,21 @@ def release_freed_memory() -> None:
         _malloc_trim(0)
 
 
+def check_batch(bucket: tuple[int, int], images: np.ndarray) -> np.ndarray:
+    """`images` as a C-contiguous uint8 [N, H, W, 3] batch of `bucket`, or a ValueError naming
+    what is wrong (the backends that hand raw pointers or tensors on call it first)."""
+    width, height = bucket
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+        kind = f"an array of {images.dtype}" if isinstance(images, np.ndarray) else None
+        raise ValueError(f"images must be a uint8 numpy array, got {kind or type(images).__name__}")
+    if images.ndim != 4 or images.shape[1:] != (height, width, 3) or images.shape[0] < 1:
+        raise ValueError(
+            f"images must be [N, {height}, {width}, 3] (NHWC RGB) for bucket {width}x{height}, "
+            f"got shape {images.shape}"
+        )
+    return np.ascontiguousarray(images)
+
+
 class BucketCache(Generic[T]):
     """Per-bucket objects (sessions, plans) made on first use and kept in a bounded LRU: beyond
     `size`, the least recently used is dropped and handed to `discard` (e.g. to free device

@@ -20,25 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from .backends import OrtBackend, _ort, cuda_device_count, release_freed_memory
+from .backends import OrtBackend, _ort, check_batch, cuda_device_count, release_freed_memory
 from .manifest import EngineError, EngineManifest
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 TENSORRT_PROVIDER = "TensorrtExecutionProvider"
-
-
-def check_batch(bucket: tuple[int, int], images: np.ndarray) -> np.ndarray:
-    """`images` as a C-contiguous uint8 [N, H, W, 3] batch of `bucket`, or a ValueError."""
-    width, height = bucket
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
-        kind = images.dtype if isinstance(images, np.ndarray) else type(images).__name__
-        raise ValueError(f"images: expected a uint8 numpy array, got {kind}")
-    if images.ndim != 4 or images.shape[1:] != (height, width, 3) or images.shape[0] < 1:
-        raise ValueError(
-            f"images: expected shape [N, {height}, {width}, 3] for bucket {width}x{height}, "
-            f"got {list(images.shape)}"
-        )
-    return np.ascontiguousarray(images)
 
 
 class OrtBoundBackend(OrtBackend):

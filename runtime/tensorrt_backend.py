@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .backends import BucketCache
+from .backends import BucketCache, check_batch
 from .buckets import format_size
 from .manifest import EngineError, EngineManifest
 
@@ -456,8 +456,6 @@ class TensorRTBackend:
             )  # fmt: skip
 
     def run(self, bucket: tuple[int, int], images: np.ndarray) -> dict[str, np.ndarray]:
-        from .ort_gpu import check_batch
-
         return self.plan(bucket).run(check_batch(bucket, images), self.upload, self.compute)
 
     def close(self) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from .backends import check_batch
 from .manifest import EngineError, EngineManifest
 from .weights import mapped_weights
 
@@ -177,11 +178,10 @@ class TorchBackend:
     def run(self, bucket: tuple[int, int], images: np.ndarray) -> dict[str, np.ndarray]:
         """Outputs for one same-bucket uint8 [N, H, W, 3] batch, float32, manifest's names."""
         self.manifest.bucket_path(bucket)  # a bucket the engine lacks: its export command
-        _check_images(bucket, images)
+        pixels = check_batch(bucket, images)
         torch = _torch()
-        n = images.shape[0]
+        n = pixels.shape[0]
         with torch.inference_mode(), self._cudnn_settings():
-            pixels = np.ascontiguousarray(images)
             x = torch.from_numpy(pixels if pixels.flags.writeable else pixels.copy())
             if self.compile:
                 rows = 1 << (n - 1).bit_length()  # the next power of two
@@ -251,23 +251,6 @@ def _resolve_device(device: str) -> str:
     if reason is not None:
         raise EngineError(f"torch backend, device={device!r}: {reason}")
     return device
-
-
-def _check_images(bucket: tuple[int, int], images: np.ndarray) -> None:
-    width, height = bucket
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
-        raise ValueError(f"images must be a uint8 numpy array, got {_describe(images)}")
-    if images.ndim != 4 or images.shape[1:] != (height, width, 3) or images.shape[0] < 1:
-        raise ValueError(
-            f"images must be [N, {height}, {width}, 3] (NHWC RGB) for bucket {width}x{height}, "
-            f"got shape {images.shape}"
-        )
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, np.ndarray):
-        return f"an array of {value.dtype}"
-    return type(value).__name__
 
 
 def engine_tensors(manifest: EngineManifest) -> dict[str, np.ndarray]:
