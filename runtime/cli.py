@@ -72,6 +72,11 @@ def optional_module(name: str, needs: str, install: str) -> Any:
         raise RuntimeError(f"{needs} ({err}); install them with {install}") from err
 
 
+def progress_line(line: str) -> None:
+    """Progress of long commands goes to stderr, unbuffered, so stdout stays the result."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def comma_list(text: str) -> list[str]:
     """`--layers a, b,` -> ["a", "b"]: the one parser of comma-separated flags."""
     return [item.strip() for item in text.split(",") if item.strip()]
@@ -138,7 +143,7 @@ def _run_export(args: argparse.Namespace) -> int:
         validate=not args.no_validate,
     )
     started = time.perf_counter()
-    manifest = export_engine(request, log=lambda line: print(line, file=sys.stderr, flush=True))
+    manifest = export_engine(request, log=progress_line)
     print(
         f"engine {manifest.directory}: {len(manifest.buckets)} buckets "
         f"({', '.join(format_size(b) for b in manifest.buckets)}) in "
@@ -180,9 +185,7 @@ def _run_build(args: argparse.Namespace) -> int:
     )
     buckets = [parse_size(b) for b in comma_list(args.buckets)] if args.buckets else None
     started = time.perf_counter()
-    manifest = build_plans(
-        args.engine, settings, buckets, log=lambda line: print(line, file=sys.stderr, flush=True)
-    )
+    manifest = build_plans(args.engine, settings, buckets, log=progress_line)
     plans = manifest.data.get("tensorrt", {}).get("plans", {})
     built = sorted(b for b, by_precision in plans.items() if args.precision in by_precision)
     print(
