@@ -29,6 +29,7 @@ from interactive.bench.worker import parse_result
 from interactive.runtime.buckets import format_size, parse_size
 from interactive.runtime.manifest import EngineManifest
 from interactive.runtime.registry import REGISTRY
+from interactive.runtime.settings import ExportSettings
 
 SCHEMA = "interactive-bench/1"
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
@@ -206,11 +207,11 @@ def thread_env(threads: int) -> dict[str, str]:
     return env
 
 
-def forward_request_identity(manifest: EngineManifest) -> dict[str, Any]:
+def forward_settings(manifest: EngineManifest) -> ExportSettings:
     """The export settings of the forward-only ORIG engine twin of `manifest`'s engine."""
     from interactive.bench.peers import FORWARD_CONFIG
 
-    return {**manifest.data["export"], "config": FORWARD_CONFIG, "heatmaps": False}
+    return manifest.settings.replace(config=FORWARD_CONFIG, heatmaps=False)
 
 
 def ensure_forward_engine(
@@ -219,15 +220,13 @@ def ensure_forward_engine(
     """Export (once, into the cache) the forward-only engine for the same weights and layers."""
     from interactive.export.exporter import ExportRequest, export_engine
 
-    identity = forward_request_identity(manifest)
+    settings = forward_settings(manifest)
+    identity = settings.identity()
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     root = cache or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "interactive"
-    out = root / "bench-engines" / f"{identity['arch']}-{identity['config']}-{digest}"
+    out = root / "bench-engines" / f"{settings.arch}-{settings.config}-{digest}"
     request = ExportRequest(
-        out=out,
-        **{k: v for k, v in identity.items() if k != "layers"},
-        layers=tuple(identity["layers"]),
-        buckets=",".join(format_size(tuple(b)) for b in buckets),
+        out=out, settings=settings, buckets=",".join(format_size(tuple(b)) for b in buckets)
     )
     export_engine(request, log=lambda line: log(f"forward-only engine: {line}"))
     return out
@@ -421,10 +420,9 @@ def costs(manifest: EngineManifest, buckets: list[list[int]]) -> dict[str, Any]:
     """Cost model per bucket: the engine's own config, and its forward-only twin."""
     from interactive.bench.cost import cost_per_image
     from interactive.bench.peers import forward_spec
-    from interactive.export.spec import FeatureSpec
+    from interactive.export.spec import engine_spec
 
-    e = manifest.data["export"]
-    spec = FeatureSpec(e["arch"], e["config"], e["p"], tuple(e["layers"]), e["width_div"])
+    spec = engine_spec(manifest)
     out = {}
     for bucket in buckets:
         size = (bucket[0], bucket[1])

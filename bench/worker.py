@@ -111,12 +111,10 @@ def _backend_runner(case: dict[str, Any]) -> tuple[Callable[[], Any], Callable[[
 
 def _peer_runner(case: dict[str, Any]) -> tuple[Callable[[], Any], Callable[[], None]]:
     from interactive.bench.peers import make_peer
-    from interactive.export.spec import FeatureSpec, load_state_dict
+    from interactive.export.conformance import engine_reference
     from interactive.runtime.manifest import EngineManifest
 
-    e = EngineManifest.load(case["engine"]).data["export"]
-    spec = FeatureSpec(e["arch"], e["config"], e["p"], tuple(e["layers"]), e["width_div"])
-    sd = load_state_dict(e["weights"], e["arch"], e["width_div"])
+    spec, sd = engine_reference(EngineManifest.load(case["engine"]))
     peer = make_peer(case["peer"], spec, sd, case["device"], case["precision"])
     if case["mode"] == "e2e":
         return lambda: peer(decoded_batch(case)), lambda: None

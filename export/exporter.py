@@ -11,11 +11,10 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,31 +23,27 @@ import numpy as np
 import onnx
 import torch
 
+from interactive.runtime.atomic import atomic_path
 from interactive.runtime.backends import ort_session, shared_initializers
 from interactive.runtime.buckets import all_buckets, common_buckets, format_size, parse_size
+from interactive.runtime.conformance import FP32_TOLERANCE, conformance_report
 from interactive.runtime.manifest import (
     FORMAT,
     MANIFEST_FILE,
     EngineError,
     EngineManifest,
-    is_heatmap,
     package_version,
     write_manifest,
 )
+from interactive.runtime.settings import ExportSettings
 
 from .graph import AnalyticGraph
 from .reference import IMAGENET_MEAN, IMAGENET_STD, reference_features
-from .spec import PAPER_LAYERS, FeatureSpec, load_state_dict
+from .spec import FeatureSpec, load_state_dict
 from .weights_file import WEIGHTS_FILE, SharedWeights
 
 OPSET = 18
 INPUT_NAME = "images"
-FP32_TOLERANCE = 1e-3  # ALGORITHM.md section 6, per layer feature
-# Heatmaps are not averaged over space: one ReLU mask that flips at a near-zero pre-activation
-# between two fp32 implementations shows in full around that position (measured on narrow random
-# networks: median 1e-7, worst 8e-3 over 48 images), while features average such flips out. The
-# fp32 reference itself differs from a float64 one by as much. (choice)
-HEATMAP_TOLERANCE = 2e-2
 
 
 class ExportValidationError(RuntimeError):
@@ -57,40 +52,17 @@ class ExportValidationError(RuntimeError):
 
 @dataclass
 class ExportRequest:
-    """What `interactive export` was asked for (the CLI flags, one field each)."""
+    """What `interactive export` was asked for: the engine's settings, where to put it, which
+    buckets (`common`, `all` or `WxH,WxH`), and whether to validate each against the reference."""
 
     out: Path
-    arch: str = "vgg16"
-    weights: str = "random:0"
-    config: str = "last"
-    p: int = 2
-    layers: tuple[str, ...] = PAPER_LAYERS
-    heatmaps: bool = False
-    width_div: int = 1
-    area: int = 512  # the bucket rule's target area, as the side of a square
-    fixed: str | None = None  # "224x224": the paper's ORIG baseline, one bucket for every image
-    buckets: str = "common"  # "common", "all" or "WxH,WxH"
+    settings: ExportSettings = field(default_factory=ExportSettings)
+    buckets: str = "common"
     validate: bool = True
 
     @property
     def spec(self) -> FeatureSpec:
-        return FeatureSpec(
-            self.arch, self.config, self.p, tuple(self.layers), self.width_div, self.heatmaps
-        )
-
-    def identity(self) -> dict[str, Any]:
-        """Everything that must match for two exports to share one directory."""
-        return {
-            "arch": self.arch,
-            "weights": self.weights,
-            "config": self.config,
-            "p": self.p,
-            "layers": list(self.layers),
-            "heatmaps": self.heatmaps,
-            "width_div": self.width_div,
-            "area": self.area,
-            "fixed": self.fixed,
-        }
+        return FeatureSpec.from_settings(self.settings)
 
 
 def resolve_buckets(text: str, area: int, fixed: str | None) -> list[tuple[int, int]]:
@@ -119,8 +91,8 @@ def resolve_buckets(text: str, area: int, fixed: str | None) -> list[tuple[int, 
 
 def export_engine(request: ExportRequest, log: Callable[[str], None] = print) -> EngineManifest:
     """Export every requested bucket missing from `request.out`; returns the final manifest."""
-    spec = request.spec
-    buckets = resolve_buckets(request.buckets, request.area, request.fixed)
+    spec, settings = request.spec, request.settings
+    buckets = resolve_buckets(request.buckets, settings.area, settings.fixed)
     out = Path(request.out)
     manifest = _load_or_start(out, request, spec)
     todo = [b for b in buckets if format_size(b) not in manifest["buckets"]]
@@ -128,10 +100,10 @@ def export_engine(request: ExportRequest, log: Callable[[str], None] = print) ->
         log(f"{len(buckets) - len(todo)} of {len(buckets)} buckets already in {out}")
     if not todo:
         return EngineManifest(out, manifest)
-    log(f"loading weights {request.weights} ({spec.arch}, width 1/{spec.width_div})")
-    if request.weights.startswith("random:"):
+    log(f"loading weights {settings.weights} ({spec.arch}, width 1/{spec.width_div})")
+    if settings.weights.startswith("random:"):
         log("NOTE: random weights: the features are for tests and smoke runs, not for retrieval")
-    state_dict = load_state_dict(request.weights, spec.arch, spec.width_div)
+    state_dict = load_state_dict(settings.weights, spec.arch, spec.width_div)
     out.mkdir(parents=True, exist_ok=True)  # only now: a failed download leaves no directory
     graph = AnalyticGraph(spec, state_dict).eval()
     weights = SharedWeights(out, manifest["weights"]["tensors"])
@@ -154,7 +126,7 @@ def export_engine(request: ExportRequest, log: Callable[[str], None] = print) ->
 def _load_or_start(out: Path, request: ExportRequest, spec: FeatureSpec) -> dict[str, Any]:
     if (out / MANIFEST_FILE).exists():
         manifest = EngineManifest.load(out).data
-        mine, theirs = request.identity(), manifest["export"]
+        mine, theirs = request.settings.identity(), manifest["export"]
         different = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
         if different:
             detail = ", ".join(f"{k}: {a!r} there, {b!r} asked" for k, (a, b) in different.items())
@@ -165,11 +137,12 @@ def _load_or_start(out: Path, request: ExportRequest, spec: FeatureSpec) -> dict
         return manifest
     if (out / WEIGHTS_FILE).exists():
         raise EngineError(f"{out} has a {WEIGHTS_FILE} but no {MANIFEST_FILE}; use an empty --out")
-    if request.fixed is not None:
-        width, height = parse_size(request.fixed)
+    settings = request.settings
+    if settings.fixed is not None:
+        width, height = parse_size(settings.fixed)
         rule: dict[str, Any] = {"kind": "fixed", "width": width, "height": height}
     else:
-        rule = {"kind": "area", "area_side": request.area, "area": request.area**2}
+        rule = {"kind": "area", "area_side": settings.area, "area": settings.area**2}
     return {
         "format": FORMAT,
         "package_version": package_version(),
@@ -186,8 +159,8 @@ def _load_or_start(out: Path, request: ExportRequest, spec: FeatureSpec) -> dict
         "bucket_rule": rule,
         "opset": OPSET,
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__},
-        "export": request.identity(),
-        "weights": {"file": WEIGHTS_FILE, "source": request.weights, "tensors": {}},
+        "export": settings.identity(),
+        "weights": {"file": WEIGHTS_FILE, "source": settings.weights, "tensors": {}},
         "buckets": {},
     }
 
@@ -202,18 +175,14 @@ def _export_bucket(
     validate: bool,
 ) -> dict[str, Any]:
     name = f"bucket-{format_size(bucket)}.onnx"
-    tmp = out / f".tmp-{name}"
     model = to_onnx(graph, spec, bucket)
     weights.externalize(model)
-    onnx.save(model, tmp)
-    try:
+    with atomic_path(out / name) as tmp:
+        onnx.save(model, tmp)
         onnx.checker.check_model(str(tmp))
         entry: dict[str, Any] = {"file": name, "width": bucket[0], "height": bucket[1]}
         if validate:
             entry["validation"] = validate_bucket(tmp, weights, spec, state_dict, bucket)
-        os.replace(tmp, out / name)
-    finally:
-        tmp.unlink(missing_ok=True)
     entry["bytes"] = (out / name).stat().st_size
     entry["exported_at"] = _now()
     return entry
@@ -271,33 +240,18 @@ def validate_bucket(
     names = spec.output_names()
     got = dict(zip(names, session.run(names, {INPUT_NAME: image}), strict=True))
     want = reference_features(spec, state_dict, torch.from_numpy(image))
-    errors = {k: relative_error(got[k], want[k].numpy()) for k in names}
-    failed = beyond_tolerance(errors)
-    if failed:
+    report = conformance_report(got, want, "fp32", label=f"bucket {format_size(bucket)}")
+    if not report.ok:
         raise ExportValidationError(
-            f"bucket {format_size(bucket)}: {', '.join(failed)} differ from the autograd "
-            f"reference beyond the tolerance (relative L2; features {FP32_TOLERANCE:.0e}, "
-            f"heatmaps {HEATMAP_TOLERANCE:.0e}); all: "
-            + ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
+            f"bucket {format_size(bucket)}: {', '.join(c.name for c in report.failures)} differ "
+            f"from the autograd reference beyond the tolerance ({report.summary()}); all: "
+            + ", ".join(f"{k} {v:.1e}" for k, v in report.errors.items())
         )
     return {
-        "max_rel_err": max(v for k, v in errors.items() if not is_heatmap(k)),
-        "per_layer": errors,
+        "max_rel_err": report.max_feature_error,
+        "per_layer": report.errors,
         "tolerance": FP32_TOLERANCE,
     }
-
-
-def beyond_tolerance(errors: dict[str, float]) -> dict[str, float]:
-    """The outputs whose relative error exceeds their fp32 tolerance (features or heatmaps)."""
-    limit = {k: HEATMAP_TOLERANCE if is_heatmap(k) else FP32_TOLERANCE for k in errors}
-    return {k: v for k, v in errors.items() if v > limit[k]}
-
-
-def relative_error(got: np.ndarray, want: np.ndarray) -> float:
-    """|a - b| / |b| over the whole array (ALGORITHM.md section 6)."""
-    denom = float(np.linalg.norm(want.astype(np.float64)))
-    diff = float(np.linalg.norm(got.astype(np.float64) - want.astype(np.float64)))
-    return diff / denom if denom > 0 else diff
 
 
 def _record(

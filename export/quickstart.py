@@ -14,9 +14,10 @@ import sys
 from pathlib import Path
 
 from interactive.runtime.buckets import DEFAULT_AREA, bucket_for, format_size
-from interactive.runtime.cli import main as cli_main
+from interactive.runtime.extract import extract_to_parquet
 from interactive.runtime.images import ImageError, image_size
 from interactive.runtime.index import IMAGE_SUFFIXES, iter_sources
+from interactive.runtime.settings import ExportSettings
 
 from .exporter import ExportRequest, export_engine
 
@@ -69,17 +70,19 @@ def main(argv: list[str] | None = None) -> int:
             f"Using RANDOM weights (random:0) into {engine}: the features are only a smoke run."
         )
         export_engine(_request(engine, weights, buckets), log=_err)
-    output = args.out / "features.parquet"
-    code = cli_main(["extract", "--engine", str(engine), "-o", str(output), *map(str, files)])
+    summary = extract_to_parquet(engine, [str(f) for f in files], args.out / "features.parquet")
+    print(summary.line())
+    for reason in summary.errors:
+        print(f"  failed: {reason}", file=sys.stderr)
     if weights.startswith("random:"):
         _shout("These features came from RANDOM weights (random:0), not ImageNet ones.")
-    print(f"features: {output} (engine {engine}, weights {weights})")
-    return 0 if code in (0, 3) else code
+    print(f"features: {summary.output} (engine {engine}, weights {weights})")
+    return 0
 
 
 def _request(engine: Path, weights: str, buckets: list[tuple[int, int]]) -> ExportRequest:
     listed = ",".join(format_size(b) for b in buckets) or "512x512"
-    return ExportRequest(out=engine, weights=weights, buckets=listed)
+    return ExportRequest(out=engine, settings=ExportSettings(weights=weights), buckets=listed)
 
 
 def _err(line: str) -> None:

@@ -11,12 +11,19 @@ from pathlib import Path
 
 import torch
 
-from interactive.runtime.manifest import PAPER_LAYERS, heatmap_name
+from interactive.runtime.manifest import EngineError, EngineManifest, heatmap_name
+from interactive.runtime.settings import (
+    ARCHS,
+    INTERACTIVE_CONFIGS,
+    PAPER_LAYERS,
+    VGG_BLOCKS,
+    ExportSettings,
+    random_seed,
+)
 
-# Convs per block; every conv is 3x3 with the block's width, every block ends in a 2x2 max pool
-# (torchvision's configurations "D" and "E").
+# Every conv is 3x3 with its block's width (the convs per block: VGG_BLOCKS), every block ends
+# in a 2x2 max pool.
 BLOCK_WIDTHS = (64, 128, 256, 512, 512)
-VGG_BLOCKS: dict[str, tuple[int, ...]] = {"vgg16": (2, 2, 3, 3, 3), "vgg19": (2, 2, 4, 4, 4)}
 FC_WIDTH = 4096
 IMAGENET_URLS = {
     "vgg16": "https://download.pytorch.org/models/vgg16-397923af.pth",
@@ -42,8 +49,8 @@ class Unit:
 
 
 def check_arch(arch: str) -> str:
-    if arch not in VGG_BLOCKS:
-        raise ValueError(f"unknown arch {arch!r}: expected one of {sorted(VGG_BLOCKS)}")
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}: expected one of {', '.join(ARCHS)}")
     return arch
 
 
@@ -104,11 +111,9 @@ def random_state_dict(arch: str, seed: int, width_div: int = 1) -> dict[str, tor
 
 def load_state_dict(weights: str, arch: str, width_div: int = 1) -> dict[str, torch.Tensor]:
     """Resolve `--weights`: a `.pth` path, `imagenet` (torch.hub cache) or `random:SEED`."""
-    if weights.startswith("random:"):
-        seed_text = weights.split(":", 1)[1]
-        if not seed_text.isdigit():
-            raise ValueError(f"--weights {weights!r}: expected random:SEED with an integer SEED")
-        return random_state_dict(arch, int(seed_text), width_div)
+    seed = random_seed(weights)
+    if seed is not None:
+        return random_state_dict(arch, seed, width_div)
     if weights == "imagenet":
         if width_div != 1:
             raise ValueError("the ImageNet weights are full width: drop the width divisor")
@@ -155,9 +160,6 @@ def conv_weights(sd: dict[str, torch.Tensor], u: Unit) -> tuple[torch.Tensor, to
     return w.reshape(shape).float().contiguous(), b.float().contiguous()
 
 
-CONFIGS = ("last", "next", "orig-avg", "orig-max")
-
-
 @dataclass(frozen=True)
 class FeatureSpec:
     """What to compute: ALGORITHM.md sections 3-5 for one network and one set of layers.
@@ -174,15 +176,15 @@ class FeatureSpec:
     heatmaps: bool = False
 
     def __post_init__(self) -> None:
-        check_arch(self.arch)
-        if self.config not in CONFIGS:
-            raise ValueError(f"unknown config {self.config!r}: expected one of {CONFIGS}")
-        if self.p not in (1, 2):
-            raise ValueError(f"p must be 1 or 2, got {self.p}")
-        if not self.layers:
-            raise ValueError("no layers requested")
-        if len(set(self.layers)) != len(self.layers):
-            raise ValueError(f"layers repeated in {list(self.layers)}")
+        # The settings' own checks (arch, config, p, repeated layers, heatmaps); then the names.
+        ExportSettings(
+            arch=self.arch,
+            config=self.config,
+            p=self.p,
+            layers=self.layers,
+            width_div=self.width_div,
+            heatmaps=self.heatmaps,
+        )
         all_units = self.units
         for name in self.layers:
             i = unit_index(all_units, name)
@@ -191,8 +193,18 @@ class FeatureSpec:
                     f"layer {name!r} has no unit above it: config {self.config!r} needs a layer "
                     f"strictly below fc-7"
                 )
-        if self.heatmaps and not self.interactive:
-            raise ValueError("heatmaps exist only for the InterActive configs (last, next)")
+
+    @classmethod
+    def from_settings(cls, settings: ExportSettings) -> FeatureSpec:
+        """The network and outputs an export with `settings` computes."""
+        return cls(
+            settings.arch,
+            settings.config,
+            settings.p,
+            settings.layers,
+            settings.width_div,
+            settings.heatmaps,
+        )
 
     @property
     def units(self) -> list[Unit]:
@@ -200,7 +212,7 @@ class FeatureSpec:
 
     @property
     def interactive(self) -> bool:
-        return self.config in ("last", "next")
+        return self.config in INTERACTIVE_CONFIGS
 
     def index(self, layer: str) -> int:
         return unit_index(self.units, layer)
@@ -234,3 +246,15 @@ class FeatureSpec:
         if self.heatmaps:
             names += [heatmap_name(t) for t in self.layers]
         return names
+
+
+def engine_spec(manifest: EngineManifest) -> FeatureSpec:
+    """The FeatureSpec an engine directory was exported with (its manifest's `export` record),
+    checked against the outputs the manifest lists."""
+    spec = FeatureSpec.from_settings(ExportSettings.from_identity(manifest.data["export"]))
+    if spec.output_names() != manifest.outputs:
+        raise EngineError(
+            f"{manifest.directory}: the export record gives outputs {spec.output_names()}, "
+            f"the manifest lists {manifest.outputs}"
+        )
+    return spec

@@ -7,19 +7,24 @@ usage; 3 the command finished but some images failed (their rows say why).
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
 import sys
 import time
-from collections import Counter
 from pathlib import Path
-from typing import Any
 
 from .buckets import all_buckets, bucket_for, format_size, parse_size
-from .manifest import PAPER_LAYERS, EngineError
+from .manifest import EngineError
+from .optional import optional_import
 from .registry import BACKENDS
+from .settings import (
+    DEFAULT_AREA_SIDE,
+    PRECISIONS,
+    ExportSettings,
+    add_export_arguments,
+    comma_list,
+)
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 LOG_LEVELS = ["debug", "info", "warning"]
@@ -63,23 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def optional_module(name: str, needs: str, install: str) -> Any:
-    """Import `name` (a part that needs optional packages), or a RuntimeError saying what to
-    install; the CLI prints it as a one-line error."""
-    try:
-        return importlib.import_module(name)
-    except ImportError as err:
-        raise RuntimeError(f"{needs} ({err}); install them with {install}") from err
-
-
 def progress_line(line: str) -> None:
     """Progress of long commands goes to stderr, unbuffered, so stdout stays the result."""
     print(line, file=sys.stderr, flush=True)
-
-
-def comma_list(text: str) -> list[str]:
-    """`--layers a, b,` -> ["a", "b"]: the one parser of comma-separated flags."""
-    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def _engine_options(p: argparse.ArgumentParser, output: str, batch_size: int = 0) -> None:
@@ -100,50 +91,28 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "sharing one weights.bin. Every bucket is validated against the autograd reference.",
     )
     p.add_argument("--out", required=True, type=Path, help="engine directory (created/extended)")
-    p.add_argument("--arch", default="vgg16", choices=["vgg16", "vgg19"])
-    p.add_argument(
-        "--weights",
-        default="imagenet",
-        help="'imagenet' (torchvision's, via the torch hub cache), a .pth state dict, "
-        "or random:SEED (tests and smoke runs)",
-    )
-    p.add_argument("--config", default="last", choices=["last", "next", "orig-avg", "orig-max"])
-    p.add_argument("--p", type=int, default=2, choices=[1, 2], help="score exponent")
-    p.add_argument("--layers", default=",".join(PAPER_LAYERS), help="comma-separated layer names")
-    p.add_argument("--heatmaps", action="store_true", help="also output gamma-hat heatmaps")
-    p.add_argument("--width-div", type=int, default=1, help="narrow network (tests): 2, 4, 8...")
+    add_export_arguments(p)
     p.add_argument(
         "--buckets", default="common", help="'common', 'all', or a list WxH,WxH (default common)"
     )
-    p.add_argument("--area", type=int, default=512, help="bucket rule area as a square's side")
-    p.add_argument("--fixed", help="one fixed bucket WxH for every image (e.g. 224x224: ORIG)")
     p.add_argument("--no-validate", action="store_true", help="skip the reference check")
     p.set_defaults(handler=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    exporter = optional_module(
+    exporter = optional_import(
         "interactive.export.exporter",
         "interactive export needs torch and onnx",
         "`pip install torch==2.13.0` (CPU) then `pip install 'interactive[export]'`",
     )
-    ExportRequest, export_engine = exporter.ExportRequest, exporter.export_engine
-    request = ExportRequest(
+    request = exporter.ExportRequest(
         out=args.out,
-        arch=args.arch,
-        weights=args.weights,
-        config=args.config,
-        p=args.p,
-        layers=tuple(comma_list(args.layers)),
-        heatmaps=args.heatmaps,
-        width_div=args.width_div,
-        area=args.area,
-        fixed=args.fixed,
+        settings=ExportSettings.from_args(args),
         buckets=args.buckets,
         validate=not args.no_validate,
     )
     started = time.perf_counter()
-    manifest = export_engine(request, log=progress_line)
+    manifest = exporter.export_engine(request, log=progress_line)
     print(
         f"engine {manifest.directory}: {len(manifest.buckets)} buckets "
         f"({', '.join(format_size(b) for b in manifest.buckets)}) in "
@@ -164,7 +133,7 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--engine", required=True, type=Path, help="engine directory")
     p.add_argument("--backend", required=True, choices=["tensorrt"])
-    p.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"])
+    p.add_argument("--precision", default="fp16", choices=PRECISIONS)
     p.add_argument("--max-batch", type=int, default=8, help="profile batch range 1..B (default 8)")
     p.add_argument("--buckets", help="WxH,WxH (default: every bucket of the engine)")
     p.add_argument("--workspace", type=float, default=4.0, help="builder workspace in GB")
@@ -203,7 +172,10 @@ def _add_buckets(sub: argparse._SubParsersAction) -> None:
         description="Print the bucket (W x H) of each given image size WxH, or the whole table.",
     )
     p.add_argument("sizes", nargs="*", help="image sizes WxH")
-    p.add_argument("--area", type=int, default=512, help="area as a square's side (default 512)")
+    p.add_argument(
+        "--area", type=int, default=DEFAULT_AREA_SIDE,
+        help=f"area as a square's side (default {DEFAULT_AREA_SIDE})",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=_run_buckets)
 
@@ -243,34 +215,16 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_extract(args: argparse.Namespace) -> int:
-    from .api import Extractor
-    from .parquet import features_table, write_table
+    from .extract import extract_to_parquet
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    extractor = Extractor.open(args.engine, backend=args.backend, threads=args.threads)
-    started = time.perf_counter()
-    features = extractor.extract([str(p) for p in args.images], batch_size=args.batch_size)
-    seconds = time.perf_counter() - started
-    metadata = {
-        "interactive.engine": str(args.engine),
-        "interactive.weights": extractor.manifest.data["weights"]["source"],
-        "interactive.manifest": json.dumps(
-            {k: v for k, v in extractor.manifest.data.items() if k not in ("weights", "buckets")}
-        ),
-    }
-    path = write_table(
-        features_table([str(p) for p in args.images], features, metadata), args.output
-    )
-    n, failed = len(args.images), len(features.errors)
-    by_bucket = Counter(format_size(b) for b in features.buckets if b)
-    print(
-        f"{n - failed}/{n} images in {seconds:.1f} s ({n / seconds:.2f} images/s), "
-        f"{failed} failed; buckets: {dict(by_bucket)}; wrote {path}"
-    )
-    for _, reason in sorted(features.errors.items()):
+    summary = extract_to_parquet(
+        args.engine, [str(p) for p in args.images], args.output,
+        backend=args.backend, batch_size=args.batch_size, threads=args.threads,
+    )  # fmt: skip
+    print(summary.line())
+    for reason in summary.errors:
         print(f"  failed: {reason}", file=sys.stderr)
-    return EXIT_PARTIAL if failed else EXIT_OK
+    return EXIT_PARTIAL if summary.errors else EXIT_OK
 
 
 def _add_index(sub: argparse._SubParsersAction) -> None:
@@ -396,7 +350,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    harness = optional_module(
+    harness = optional_import(
         "interactive.bench.harness",
         "interactive bench needs torch, captum and matplotlib",
         "`pip install 'interactive[export,bench]'`",

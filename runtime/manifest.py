@@ -13,17 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_json
 from .buckets import bucket_for, format_size
+from .settings import ExportSettings
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "interactive-engine/1"
 
 
 HEATMAP_SUFFIX = ".heatmap"
-# The paper's nine layers (ALGORITHM.md section 5), the default everywhere.
-PAPER_LAYERS = (
-    "pool-1", "pool-2", "conv-3-3", "pool-3", "conv-4-3", "pool-4", "conv-5-3", "pool-5", "fc-6",
-)  # fmt: skip
 
 
 def heatmap_name(layer: str) -> str:
@@ -72,6 +70,11 @@ class EngineManifest:
         return cls(path, data)
 
     @property
+    def settings(self) -> ExportSettings:
+        """The export settings this directory was made with (its `export` record)."""
+        return ExportSettings.from_identity(self.data["export"])
+
+    @property
     def layers(self) -> list[str]:
         return [layer["name"] for layer in self.data["layers"]]
 
@@ -117,17 +120,7 @@ class EngineManifest:
 
     def export_command(self, buckets: list[tuple[int, int]]) -> str:
         """The exact `interactive export` command that adds `buckets` to this directory."""
-        e = self.data["export"]
-        args = ["interactive", "export", "--arch", e["arch"], "--weights", e["weights"]]
-        args += ["--config", e["config"], "--p", str(e["p"]), "--layers", ",".join(e["layers"])]
-        if e.get("width_div", 1) != 1:
-            args += ["--width-div", str(e["width_div"])]
-        if e.get("heatmaps"):
-            args.append("--heatmaps")
-        if e.get("fixed"):
-            args += ["--fixed", e["fixed"]]
-        else:
-            args += ["--area", str(e["area"])]
+        args = ["interactive", "export", *self.settings.export_args()]
         args += ["--buckets", ",".join(format_size(b) for b in buckets)]
         args += ["--out", str(self.directory)]
         return shlex.join(args)
@@ -144,11 +137,5 @@ def package_version() -> str:
 
 
 def write_manifest(directory: Path, data: dict[str, Any]) -> None:
-    """Atomically replace DIR/manifest.json (write a temporary file, fsync, rename)."""
-    tmp = directory / f".{MANIFEST_FILE}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / MANIFEST_FILE)
+    """Atomically replace DIR/manifest.json."""
+    write_json(directory / MANIFEST_FILE, data)

@@ -80,22 +80,6 @@ def device_unavailable_reason(device: str) -> str | None:
     return None
 
 
-def engine_spec(manifest: EngineManifest) -> Any:
-    """The FeatureSpec the engine was exported with (manifest["export"])."""
-    from interactive.export.spec import FeatureSpec
-
-    e = manifest.data["export"]
-    spec = FeatureSpec(
-        e["arch"], e["config"], int(e["p"]), tuple(e["layers"]), int(e["width_div"]), e["heatmaps"]
-    )
-    if spec.output_names() != manifest.outputs:
-        raise EngineError(
-            f"{manifest.directory}: the export record gives outputs {spec.output_names()}, "
-            f"the manifest lists {manifest.outputs}"
-        )
-    return spec
-
-
 class TorchBackend:
     """The analytic graph in PyTorch: one module and one set of weights for every bucket.
 
@@ -146,6 +130,8 @@ class TorchBackend:
         if not seed_scale > 0:
             raise ValueError(f"seed_scale must be positive, got {seed_scale!r}")
         self.seed_scale = float(seed_scale)
+        from interactive.export.spec import engine_spec
+
         self.spec = engine_spec(manifest)
         self.module = self._build_module()
         self._compiled: dict[tuple[tuple[int, int], int], Callable[..., Any]] = {}

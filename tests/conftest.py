@@ -12,14 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from interactive.export.exporter import (
-    ExportRequest,
-    beyond_tolerance,
-    export_engine,
-    relative_error,
-)
+from interactive.export.exporter import ExportRequest, export_engine
 from interactive.export.spec import load_state_dict
-from interactive.runtime.manifest import is_heatmap
+from interactive.runtime.conformance import conformance_report
+from interactive.runtime.settings import ExportSettings
 
 DATA = Path(__file__).parent / "data"
 NARROW = 8
@@ -31,18 +27,19 @@ def photos() -> list[Path]:
 
 
 def assert_close(got: dict[str, np.ndarray], want: dict[str, torch.Tensor | np.ndarray]) -> float:
-    """Every output within its fp32 tolerance; returns the largest feature error.
-
-    Features: ALGORITHM.md's 1e-3. Heatmaps: HEATMAP_TOLERANCE (see the exporter for why).
-    """
-    errors = {}
+    """Every output within its fp32 tolerance (the one judge, runtime/conformance.py: worst
+    image, features 1e-3, heatmaps HEATMAP_TOLERANCE); returns the largest feature error."""
     for name, ref in want.items():
-        ref_np = ref.numpy() if isinstance(ref, torch.Tensor) else ref
-        assert got[name].shape == ref_np.shape, name
-        errors[name] = relative_error(np.asarray(got[name]), ref_np)
-    bad = beyond_tolerance(errors)
-    assert not bad, f"beyond tolerance: {bad}"
-    return max(v for k, v in errors.items() if not is_heatmap(k))
+        assert np.asarray(got[name]).shape == tuple(ref.shape), name
+    report = conformance_report({k: np.asarray(v) for k, v in got.items()}, want, "fp32")
+    assert report.ok, report.summary()
+    return report.max_feature_error
+
+
+def narrow_request(out: Path, buckets: str = NARROW_BUCKETS, **settings: object) -> ExportRequest:
+    """An export of the narrow test network (random:0 weights, area 256) into `out`."""
+    values: dict = {"weights": "random:0", "width_div": NARROW, "area": 256, **settings}
+    return ExportRequest(out=out, settings=ExportSettings(**values), buckets=buckets)
 
 
 @pytest.fixture(scope="session")
@@ -53,8 +50,5 @@ def narrow_state_dict() -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="session")
 def narrow_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("engines") / "vgg16-narrow"
-    export_engine(
-        ExportRequest(out=out, width_div=NARROW, area=256, buckets=NARROW_BUCKETS, heatmaps=True),
-        log=lambda line: None,
-    )
+    export_engine(narrow_request(out, heatmaps=True), log=lambda line: None)
     return out

@@ -15,13 +15,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from interactive.export.conformance import (
-    conformance_report,
-    engine_reference,
-    reference_outputs,
-)
-from interactive.export.exporter import HEATMAP_TOLERANCE
+from interactive.export.conformance import engine_reference, reference_outputs
 from interactive.runtime.backends import backend_status, open_backend
+from interactive.runtime.conformance import HEATMAP_TOLERANCE, conformance_report
 from interactive.runtime.images import load_image, resize_to
 from interactive.runtime.manifest import EngineManifest, is_heatmap
 

@@ -12,9 +12,7 @@ import onnx
 import pytest
 import torch
 
-from interactive.export import exporter
 from interactive.export.exporter import (
-    ExportRequest,
     ExportValidationError,
     export_engine,
     resolve_buckets,
@@ -22,11 +20,11 @@ from interactive.export.exporter import (
 from interactive.export.reference import reference_features
 from interactive.export.spec import PAPER_LAYERS, FeatureSpec
 from interactive.export.weights_file import SharedWeights, WeightsMismatchError
-from interactive.runtime import Extractor
+from interactive.runtime import Extractor, conformance
 from interactive.runtime.backends import engine_initializers, ort_session
 from interactive.runtime.manifest import EngineError, EngineManifest
 
-from conftest import NARROW, assert_close
+from conftest import NARROW, assert_close, narrow_request
 
 # Operators that both ONNX Runtime and TensorRT's ONNX parser support. No MaxUnpool, no MaxPool
 # indices output: switches come from a space-to-depth reshape, ArgMax and Equal.
@@ -124,9 +122,7 @@ def test_adding_buckets_reuses_the_weights(narrow_engine: Path, tmp_path: Path) 
     shutil.copytree(narrow_engine, engine)
     before = (engine / "weights.bin").stat().st_size
     lines: list[str] = []
-    request = ExportRequest(
-        out=engine, width_div=NARROW, area=256, buckets="256x256,288x256", heatmaps=True
-    )
+    request = narrow_request(engine, buckets="256x256,288x256", heatmaps=True)
     export_engine(request, log=lines.append)
     assert (engine / "weights.bin").stat().st_size == before
     assert any("1 of 2 buckets already" in line for line in lines)
@@ -136,7 +132,7 @@ def test_adding_buckets_reuses_the_weights(narrow_engine: Path, tmp_path: Path) 
 
 
 def test_other_settings_are_refused(narrow_engine: Path) -> None:
-    request = ExportRequest(out=narrow_engine, width_div=NARROW, area=256, p=1, buckets="256x256")
+    request = narrow_request(narrow_engine, buckets="256x256", p=1)
     with pytest.raises(EngineError, match="p: 2 there, 1 asked"):
         export_engine(request, log=lambda line: None)
 
@@ -158,9 +154,9 @@ def test_other_weights_under_one_name_are_refused(tmp_path: Path) -> None:
 def test_a_failed_validation_stops_and_records_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(exporter, "FP32_TOLERANCE", 0.0)
+    monkeypatch.setattr(conformance, "FP32_TOLERANCE", 0.0)
     out = tmp_path / "engine"
-    request = ExportRequest(out=out, width_div=NARROW, area=256, buckets="256x256")
+    request = narrow_request(out, buckets="256x256")
     with pytest.raises(ExportValidationError, match="256x256: .* beyond the tolerance"):
         export_engine(request, log=lambda line: None)
     manifest = (
@@ -183,10 +179,9 @@ def test_only_needed_units_are_exported(tmp_path: Path) -> None:
 
     def ops(config: str, layers: str) -> Counter:
         out = tmp_path / f"{config}-{layers}"
-        request = ExportRequest(
-            out=out, width_div=NARROW, area=256, buckets="256x256", config=config,
-            layers=tuple(layers.split(",")),
-        )  # fmt: skip
+        request = narrow_request(
+            out, buckets="256x256", config=config, layers=tuple(layers.split(","))
+        )
         export_engine(request, log=lambda line: None)
         model = onnx.load(str(out / "bucket-256x256.onnx"), load_external_data=False)
         return Counter(n.op_type for n in model.graph.node)

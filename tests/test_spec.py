@@ -77,8 +77,12 @@ def test_a_failed_download_leaves_no_engine_directory(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     from interactive.export.exporter import ExportRequest, export_engine
+    from interactive.runtime.settings import ExportSettings
 
     monkeypatch.setitem(spec.IMAGENET_URLS, "vgg16", "http://127.0.0.1:9/vgg16-397923af.pth")
     with pytest.raises(RuntimeError, match="could not download"):
-        export_engine(ExportRequest(out=tmp_path / "e", weights="imagenet"), log=lambda _: None)
+        export_engine(
+            ExportRequest(out=tmp_path / "e", settings=ExportSettings(weights="imagenet")),
+            log=lambda _: None,
+        )
     assert not (tmp_path / "e").exists()

@@ -22,8 +22,7 @@ from interactive.engines.tensorrt_build import (
     scale_seed,
     write_tensorrt_graph,
 )
-from interactive.export.conformance import conformance_report
-from interactive.export.exporter import ExportRequest, export_engine, relative_error
+from interactive.export.exporter import export_engine
 from interactive.export.reference import reference_features
 from interactive.export.spec import PAPER_LAYERS, FeatureSpec
 from interactive.runtime.backends import (
@@ -35,6 +34,7 @@ from interactive.runtime.backends import (
 )
 from interactive.runtime.cli import build_parser
 from interactive.runtime.cli import main as cli_main
+from interactive.runtime.conformance import conformance_report, relative_error
 from interactive.runtime.manifest import EngineError, EngineManifest, is_heatmap, write_manifest
 from interactive.runtime.tensorrt_backend import (
     build_command,
@@ -43,7 +43,7 @@ from interactive.runtime.tensorrt_backend import (
     tensorrt_section,
 )
 
-from conftest import NARROW, assert_close
+from conftest import NARROW, assert_close, narrow_request
 
 SPEC = FeatureSpec("vgg16", "last", 2, PAPER_LAYERS, NARROW, heatmaps=True)
 # The torch backend's bf16 measured 2.1e-2 on one layer's features of the narrow network (CPU).
@@ -115,7 +115,7 @@ def test_seed_scale_is_undone_exactly(engine_copy: Path) -> None:
 def test_orig_configs_have_no_seed(tmp_path: Path) -> None:
     out = tmp_path / "orig"
     export_engine(
-        ExportRequest(out=out, width_div=NARROW, area=256, buckets="256x256", config="orig-avg"),
+        narrow_request(out, buckets="256x256", config="orig-avg"),
         log=lambda line: None,
     )
     manifest = EngineManifest.load(out)
@@ -243,9 +243,7 @@ def test_build_facts_survive_the_manifest_round_trip_and_new_exports(engine_copy
     }
     write_manifest(engine_copy, manifest.data)
     export_engine(  # adding a bucket keeps the TensorRT section
-        ExportRequest(
-            out=engine_copy, width_div=NARROW, area=256, buckets="288x256", heatmaps=True
-        ),
+        narrow_request(engine_copy, buckets="288x256", heatmaps=True),
         log=lambda line: None,
     )
     again = EngineManifest.load(engine_copy)

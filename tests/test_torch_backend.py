@@ -14,9 +14,9 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from interactive.export.conformance import conformance_report
 from interactive.runtime import Extractor
 from interactive.runtime.backends import OrtBackend, backend_status, open_backend
+from interactive.runtime.conformance import conformance_report
 from interactive.runtime.manifest import EngineError, EngineManifest, MissingBucketError
 from interactive.runtime.torch_backend import (
     TorchBackend,

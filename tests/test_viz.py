@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from interactive.export.exporter import ExportRequest, export_engine
+from interactive.export.exporter import export_engine
 from interactive.runtime import Extractor
 from interactive.runtime.viz import (
     GAP,
@@ -21,7 +21,7 @@ from interactive.runtime.viz import (
     render_heatmaps,
 )
 
-from conftest import photos
+from conftest import narrow_request, photos
 
 
 def panel(picture: np.ndarray, k: int, columns: int, width: int, height: int) -> np.ndarray:
@@ -172,9 +172,8 @@ def test_broken_image(extractor: Extractor, tmp_path: Path) -> None:
 
 def test_engine_without_heatmaps(tmp_path: Path) -> None:
     engine = tmp_path / "no-heatmaps"
-    request = ExportRequest(
-        out=engine, width_div=8, area=256, buckets="256x256", layers=("pool-1",), validate=False
-    )
+    request = narrow_request(engine, buckets="256x256", layers=("pool-1",))
+    request.validate = False
     export_engine(request, log=lambda line: None)
     out = tmp_path / "x.png"
     with Extractor.open(engine) as ex, pytest.raises(ValueError) as err:
