@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .api import Features, l2_normalize
+from .atomic import atomic_path
 from .buckets import format_size
 from .manifest import heatmap_name
 
@@ -91,9 +92,8 @@ def write_table(table: pa.Table, path: str | os.PathLike[str]) -> Path:
     """Write to a temporary name beside `path` and rename: readers never see a partial file."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        pq.write_table(table, tmp)
     return target
 
 

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from .atomic import atomic_path
 
 if TYPE_CHECKING:
     from .api import Extractor
@@ -267,14 +268,6 @@ def _reexport_hint(extractor: Extractor) -> str:
 def save_png(picture: Image.Image, out: str | os.PathLike[str]) -> Path:
     """Save `picture` as PNG at `out` atomically (temporary name beside it, then rename)."""
     target = Path(out)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            picture.save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(target) as tmp:
+        picture.save(tmp, format="PNG")
     return target
