@@ -2,10 +2,11 @@
 written with ordinary tensor ops (no autograd), so that it exports to one static ONNX graph per
 bucket and runs unchanged as the torch backend.
 
-Backward rules (ALGORITHM.md section 4): a conv/fc unit masks its incoming gradient with its ReLU
-(`X_u > 0` is the same mask as `z_u > 0`) and passes it down with a transposed convolution that
-reuses the forward kernel (no second copy of the weights); a pool unit routes each gradient to the
-first maximum of its 2x2 window, found with a space-to-depth reshape and ArgMax.
+Backward rules (export/ALGORITHM.md section 4): a conv/fc unit masks its incoming gradient with
+its ReLU (`X_u > 0` is the same mask as `z_u > 0`) and passes it down with a transposed
+convolution that reuses the forward kernel (no second copy of the weights); a pool unit routes
+each gradient to the first maximum of its 2x2 window, found with a space-to-depth reshape and
+ArgMax.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class AnalyticGraph(nn.Module):
     """uint8 [N, H, W, 3] RGB -> one float32 [N, D_t] per requested layer (then heatmaps).
 
     `seed_scale` multiplies the top gradient and divides the outputs, so that reduced-precision
-    engines do not underflow (ALGORITHM.md section 6); gamma is linear in the seed.
+    engines do not underflow (export/ALGORITHM.md section 6); gamma is linear in the seed.
     `cast_weights(torch.float16)` runs the convolutions in half precision; the activeness
     collection (channel sums, box sums, means, the division by `seed_scale`) stays float32.
     """

@@ -1,4 +1,4 @@
-"""The autograd reference: ORIG and InterActive features exactly as ALGORITHM.md states them.
+"""The autograd reference: ORIG and InterActive features exactly as export/ALGORITHM.md states them.
 
 It is the oracle of every test and the baseline of the benchmark, so it favours obviousness over
 speed: a plain forward pass, `torch.autograd.grad` for every gradient (one backward pass for all

@@ -1,4 +1,5 @@
-"""VGG-16/19 as a list of named units (ALGORITHM.md section 1), from torchvision-format weights.
+"""VGG-16/19 as a list of named units (export/ALGORITHM.md section 1), from torchvision-format
+weights.
 
 The spec table below drives everything: the autograd reference, the analytic graph and the exporter
 all walk the same `Unit` list, so a layer name means the same tensor everywhere.
@@ -162,7 +163,7 @@ def conv_weights(sd: dict[str, torch.Tensor], u: Unit) -> tuple[torch.Tensor, to
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    """What to compute: ALGORITHM.md sections 3-5 for one network and one set of layers.
+    """What to compute: export/ALGORITHM.md sections 3-5 for one network and one set of layers.
 
     `config`: `last` (T = fc-7 for every layer), `next` (T = the unit after each layer), `orig-avg`
     or `orig-max` (no backward pass). `heatmaps` adds a gamma-hat output per layer.

@@ -1,4 +1,4 @@
-"""Image-size buckets: the (W, H) every input image is resized to (ALGORITHM.md section 2.2).
+"""Image-size buckets: the (W, H) every input image is resized to (export/ALGORITHM.md section 2.2).
 
 Each bucket keeps roughly the image's aspect ratio at roughly a fixed pixel area ``A``, with both
 sides multiples of ``STRIDE`` (so every pooling stage divides evenly) and clamped to

@@ -311,8 +311,8 @@ def _add_viz(sub: argparse._SubParsersAction) -> None:
         "viz",
         parents=[COMMON],
         help="draw an image's activeness heatmaps, one panel per layer, into a PNG",
-        description="Render gamma-hat (ALGORITHM.md section 5) over IMAGE for each layer; the "
-        "engine must have been exported with --heatmaps.",
+        description="Render gamma-hat (export/ALGORITHM.md section 5) over IMAGE for each layer; "
+        "the engine must have been exported with --heatmaps.",
     )
     p.add_argument("image", type=Path, metavar="IMAGE")
     _engine_options(p, "output .png")

@@ -1,4 +1,4 @@
-"""The one tolerance judge (ALGORITHM.md section 6): a backend's outputs against the reference.
+"""The one tolerance judge (export/ALGORITHM.md section 6): backend outputs against the reference.
 
 `conformance_report(got, want, precision)` compares every output image by image: the worst
 relative L2 error and the lowest cosine similarity, each against the limit for the engine's
@@ -42,7 +42,7 @@ def tolerance(output: str, precision: str) -> tuple[float, float]:
 
 
 def relative_error(got: np.ndarray, want: np.ndarray) -> float:
-    """|a - b| / |b| over the whole array, in float64 (ALGORITHM.md section 6); NaN or Inf
+    """|a - b| / |b| over the whole array, in float64 (export/ALGORITHM.md section 6); NaN or Inf
     anywhere gives NaN, which no limit accepts."""
     want64 = np.asarray(want, dtype=np.float64)
     denom = float(np.linalg.norm(want64))

@@ -1,4 +1,5 @@
-"""Decoding input images into RGB pixel arrays at their bucket size (ALGORITHM.md section 2.1-2.2).
+"""Decoding input images into RGB pixel arrays at their bucket size (export/ALGORITHM.md
+section 2, steps 1-2).
 
 Every failure caused by the input itself (missing or empty file, not an image, truncated data,
 decompression bomb, unsupported array) is an ``ImageError`` whose message names the input and the

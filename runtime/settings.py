@@ -9,7 +9,7 @@ runtime and the CLI read it without the export stage.
 
 Exported graphs are float32. Reduced precision (`PRECISIONS`) is a backend's or a TensorRT
 build's choice, not an export setting; its seed scale lives here so that every backend scales
-the same way (ALGORITHM.md section 6).
+the same way (export/ALGORITHM.md section 6).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ ARCHS = tuple(VGG_BLOCKS)
 CONFIGS = ("last", "next", "orig-avg", "orig-max")
 INTERACTIVE_CONFIGS = ("last", "next")
 P_VALUES = (1, 2)
-# The paper's nine layers (ALGORITHM.md section 5), the default everywhere.
+# The paper's nine layers (export/ALGORITHM.md section 5), the default everywhere.
 PAPER_LAYERS = (
     "pool-1", "pool-2", "conv-3-3", "pool-3", "conv-4-3", "pool-4", "conv-5-3", "pool-5", "fc-6",
 )  # fmt: skip

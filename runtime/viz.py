@@ -1,4 +1,5 @@
-"""Activeness heatmaps (gamma-hat, ALGORITHM.md section 5) over the image, one panel per layer.
+"""Activeness heatmaps (gamma-hat, export/ALGORITHM.md section 5) over the image, one panel
+per layer.
 
 `render_heatmaps` turns an image and its per-layer maps into one grid image (the paper's
 visualisation figure); `render_file` runs an engine exported with `--heatmaps` on one image and

@@ -1,4 +1,4 @@
-"""Bucket rule of ALGORITHM.md section 2.2."""
+"""Bucket rule of export/ALGORITHM.md section 2.2."""
 
 from __future__ import annotations
 
