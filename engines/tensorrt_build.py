@@ -1,9 +1,7 @@
 """`interactive build --backend tensorrt`: weight-stripped TensorRT plans from an engine directory.
 
-The TensorRT part is NOT RUN ANYWHERE YET (written against TensorRT's documented Python API and
-type-checked against tensorrt-stubs; `make gpu-check` runs it on a GPU host). The ONNX rewrite
-that decides what TensorRT computes in which precision (`tensorrt_graph`) runs in the tests, in
-ONNX Runtime on the CPU, against the autograd reference.
+The ONNX rewrite that decides what TensorRT computes in which precision (`tensorrt_graph`) needs
+the onnx package only; building the plans (`build_plans`) needs TensorRT and a GPU.
 
 Per bucket and precision the builder writes two small files beside `weights.bin`:
 - `bucket-WxH.PRECISION.trt.onnx`: the bucket's graph prepared for TensorRT (below), its
@@ -32,23 +30,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from interactive.runtime.atomic import atomic_path, write_bytes
 from interactive.runtime.buckets import format_size
 from interactive.runtime.manifest import EngineError, EngineManifest, write_manifest
-from interactive.runtime.tensorrt_backend import (
-    PRECISIONS,
-    graph_name,
-    here_facts,
-    plan_name,
-    tensorrt_module,
-    tensorrt_section,
-)
+from interactive.runtime.settings import PRECISIONS, REDUCED_SEED_SCALE, seed_scale_for
+
+from .tensorrt_plans import graph_name, here_facts, plan_name, tensorrt_module, tensorrt_section
 
 if TYPE_CHECKING:  # mypy checks the TensorRT calls against tensorrt-stubs
     import tensorrt as trt
 
-# The seed gradient's scale in fp16/bf16 graphs (a power of two: exact in every format); the
-# same as the torch backend's: the top gradient is divided by fc-7's positions (100 at 512x512).
-REDUCED_SEED_SCALE = 256.0
 # The work that reduced precision speeds up; every other node stays float32.
 REDUCED_OPS = frozenset({"Conv", "ConvTranspose", "Relu", "MaxPool"})
 BF16_OPSET = 22
@@ -245,9 +236,8 @@ def write_tensorrt_graph(manifest: EngineManifest, bucket: tuple[int, int], prec
 
     model = onnx.load(str(manifest.bucket_path(bucket)), load_external_data=False)
     path = manifest.directory / graph_name(bucket, precision)
-    tmp = path.with_name(f".tmp-{path.name}")
-    onnx.save(tensorrt_graph(model, precision), str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        onnx.save(tensorrt_graph(model, precision), str(tmp))
     return path
 
 
@@ -300,18 +290,15 @@ def build_plans(
         started = time.perf_counter()
         graph = write_tensorrt_graph(manifest, bucket, settings.precision)
         plan = _build_plan(builder, logger, graph, manifest.input_name, bucket, settings, cache)
-        path = manifest.directory / plan_name(bucket, settings.precision)
-        tmp = path.with_name(f".tmp-{path.name}")
-        tmp.write_bytes(plan)
-        tmp.replace(path)
-        cache_file.write_bytes(bytes(cache.serialize()))
+        path = write_bytes(manifest.directory / plan_name(bucket, settings.precision), plan)
+        write_bytes(cache_file, bytes(cache.serialize()))
         facts = {
             "file": path.name,
             "graph": graph.name,
             "bytes": len(plan),
             **here,
             "precision": settings.precision,
-            "seed_scale": 1.0 if settings.precision == "fp32" else REDUCED_SEED_SCALE,
+            "seed_scale": seed_scale_for(settings.precision),
             "batch": {"min": 1, "opt": settings.max_batch, "max": settings.max_batch},
             "workspace_gb": settings.workspace_gb,
             "weight_stripped": True,

@@ -84,10 +84,12 @@ class Extractor:
 
         `backend`: "auto" (TensorRT plans for this GPU, else ONNX Runtime CUDA, else ONNX Runtime
         CPU), or one of "ort", "ort-cuda", "ort-tensorrt", "torch", "tensorrt"
-        (runtime/backends.py; a backend that cannot run here raises EngineError saying why).
-        Options go to the backend, e.g. for "ort": `max_open_buckets=4` (sessions kept open,
-        least recently used closed first), `threads=0` (all cores); for "torch": `device`,
-        `precision`, `compile`; for "tensorrt": `precision`, `lazy`.
+        (interactive.runtime.registry; a backend that cannot run here raises EngineError saying
+        why). Options go to the backend, named from one vocabulary
+        (interactive.runtime.backends.base.OPTIONS; an option the backend does not take is
+        refused by name), e.g. for "ort": `max_open_buckets=4` (sessions kept open, least
+        recently used closed first), `threads=0` (all cores); for "torch": `device`,
+        `precision`, `compile`; for "tensorrt": `precision`, `lazy`, `device`.
         """
         manifest = EngineManifest.load(engine_dir)
         return cls(manifest, open_backend(manifest, backend, **options))

@@ -1,12 +1,19 @@
-"""The backends' names and modules (see backends.py); no imports, so the CLI can list them."""
+"""The backends' names and where their classes live ("module:Class"); no imports, so the CLI
+lists them without loading numpy, onnxruntime or torch. `interactive.runtime.backends`
+(`backend_class`, `open_backend`) imports a class only when its backend is asked for.
 
-# name -> (module in this package, class name)
-REGISTRY: dict[str, tuple[str, str]] = {
-    "ort": ("backends", "OrtBackend"),
-    "ort-cuda": ("ort_gpu", "OrtCudaBackend"),
-    "ort-tensorrt": ("ort_gpu", "OrtTensorrtBackend"),
-    "torch": ("torch_backend", "TorchBackend"),
-    "tensorrt": ("tensorrt_backend", "TensorRTBackend"),
+A backend outside the runtime package (torch beside the graph it runs, TensorRT beside its
+builder) is named here by its full module path, like an entry point: the runtime never imports
+`interactive.export` or `interactive.engines` unless that backend is used.
+"""
+
+# name -> "module:Class" (the class is an interactive.runtime.backends.Backend)
+REGISTRY: dict[str, str] = {
+    "ort": "interactive.runtime.backends.ort:OrtBackend",
+    "ort-cuda": "interactive.runtime.backends.ort:OrtCudaBackend",
+    "ort-tensorrt": "interactive.runtime.backends.ort:OrtTensorrtBackend",
+    "torch": "interactive.export.torch_backend:TorchBackend",
+    "tensorrt": "interactive.engines.tensorrt_backend:TensorRTBackend",
 }
 # What `auto` tries, fastest first; `ort` always works.
 AUTO_ORDER = ("tensorrt", "ort-cuda", "ort")

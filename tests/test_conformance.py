@@ -85,7 +85,7 @@ def skip_reason(name: str, options: dict[str, Any], manifest: EngineManifest) ->
     """Why this case cannot run here: the registry's reason, or the torch backend's device."""
     reason = backend_status(name, manifest)
     if reason is None and name == "torch" and "device" in options:
-        from interactive.runtime.torch_backend import device_unavailable_reason
+        from interactive.export.torch_backend import device_unavailable_reason
 
         reason = device_unavailable_reason(options["device"])
     return reason

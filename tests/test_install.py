@@ -36,8 +36,14 @@ PACKAGE_DIRS = {
 
 
 def python_sources_only(folder: str, names: list[str]) -> set[str]:
-    """copytree's ignore: the Python modules only (engines/ also holds local engine artifacts)."""
-    return {n for n in names if not n.endswith(".py") or n == "__pycache__"}
+    """copytree's ignore: the Python modules and subpackages only (engines/ also holds local
+    engine artifacts)."""
+
+    def kept(name: str) -> bool:
+        path = Path(folder) / name
+        return name.endswith(".py") or (path.is_dir() and (path / "__init__.py").is_file())
+
+    return {n for n in names if n == "__pycache__" or not kept(n)}
 
 
 DROPPED_ENV = ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "__PYVENV_LAUNCHER__")

@@ -13,8 +13,8 @@ from interactive.export.reference import reference_features
 from interactive.export.spec import PAPER_LAYERS, FeatureSpec
 from interactive.runtime import Extractor
 from interactive.runtime.backends import backend_status, open_backend
+from interactive.runtime.backends.ort import OrtBoundBackend, OrtCudaBackend, OrtTensorrtBackend
 from interactive.runtime.manifest import EngineError, EngineManifest
-from interactive.runtime.ort_gpu import OrtBoundBackend, OrtCudaBackend, OrtTensorrtBackend
 
 from conftest import NARROW, assert_close
 

@@ -22,6 +22,12 @@ from interactive.engines.tensorrt_build import (
     scale_seed,
     write_tensorrt_graph,
 )
+from interactive.engines.tensorrt_plans import (
+    build_command,
+    plan_facts,
+    plan_incompatibility,
+    tensorrt_section,
+)
 from interactive.export.exporter import export_engine
 from interactive.export.reference import reference_features
 from interactive.export.spec import PAPER_LAYERS, FeatureSpec
@@ -36,12 +42,6 @@ from interactive.runtime.cli import build_parser
 from interactive.runtime.cli import main as cli_main
 from interactive.runtime.conformance import conformance_report, relative_error
 from interactive.runtime.manifest import EngineError, EngineManifest, is_heatmap, write_manifest
-from interactive.runtime.tensorrt_backend import (
-    build_command,
-    plan_facts,
-    plan_incompatibility,
-    tensorrt_section,
-)
 
 from conftest import NARROW, assert_close, narrow_request
 

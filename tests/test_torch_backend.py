@@ -14,17 +14,16 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from interactive.runtime import Extractor
-from interactive.runtime.backends import OrtBackend, backend_status, open_backend
-from interactive.runtime.conformance import conformance_report
-from interactive.runtime.manifest import EngineError, EngineManifest, MissingBucketError
-from interactive.runtime.torch_backend import (
+from interactive.export.torch_backend import (
     TorchBackend,
     device_unavailable_reason,
     engine_tensors,
     inline_initializers,
-    unavailable_reason,
 )
+from interactive.runtime import Extractor
+from interactive.runtime.backends import OrtBackend, backend_status, open_backend
+from interactive.runtime.conformance import conformance_report
+from interactive.runtime.manifest import EngineError, EngineManifest, MissingBucketError
 
 from conftest import photos
 
@@ -208,6 +207,7 @@ def test_extractor_opens_the_torch_backend(narrow_engine: Path) -> None:
 
 
 def test_registry_reports_the_torch_backend(manifest: EngineManifest) -> None:
+    unavailable_reason = TorchBackend.unavailable_reason
     assert unavailable_reason() is None and backend_status("torch", manifest) is None
     no_record = EngineManifest(manifest.directory, {**manifest.data})
     del no_record.data["export"]
@@ -216,7 +216,7 @@ def test_registry_reports_the_torch_backend(manifest: EngineManifest) -> None:
 
 def test_importing_the_module_imports_no_torch() -> None:
     code = (
-        "import sys, interactive.runtime.torch_backend\n"
+        "import sys, interactive.export.torch_backend\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

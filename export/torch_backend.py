@@ -13,8 +13,9 @@ compilations however its batch sizes vary. fp16/bf16 hold the weights and run th
 in reduced precision, with the top gradient scaled by `seed_scale` so that nothing underflows
 (ALGORITHM.md section 6) and the activeness collection in float32.
 
-torch (and interactive.export) is imported only when this backend is used: the registry probes
-`unavailable_reason` without paying for it.
+The backend lives beside the graph it runs (the runtime never imports interactive.export); torch
+and the graph module are imported only when it is used, so the registry probes
+`TorchBackend.unavailable_reason` without paying for them.
 """
 
 from __future__ import annotations
@@ -26,43 +27,24 @@ from typing import Any
 
 import numpy as np
 
-from .backends import check_batch
-from .manifest import EngineError, EngineManifest
-from .weights import mapped_weights
+from interactive.runtime.backends.base import CPU_DEVICES, Backend, check_device
+from interactive.runtime.backends.common import check_batch
+from interactive.runtime.manifest import EngineError, EngineManifest
+from interactive.runtime.optional import optional_import
+from interactive.runtime.settings import PRECISIONS, seed_scale_for
+from interactive.runtime.weights import mapped_weights
 
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# settings.PRECISIONS ("fp32", "fp16", "bf16") -> torch dtype name
+DTYPES = dict(zip(PRECISIONS, ("float32", "float16", "bfloat16"), strict=True))
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-# Scales the top gradient of fp16/bf16 engines (a power of two: exact in every format). The seed
-# is divided by the top unit's positions (100 for fc-7 at 512x512), so x256 brings it back to the
-# size of the activations, far above fp16's subnormals (6e-8) and far below its maximum (65504).
-REDUCED_SEED_SCALE = 256.0
 # Each distinct (bucket, padded batch) is one specialised graph; torch's default of 8 per code
 # object would silently fall back to eager after the first few.
 RECOMPILE_LIMIT = 512
+INSTALL = "pip install 'interactive[torch]'"
 
 
 def _torch() -> Any:
-    import torch
-
-    return torch
-
-
-def unavailable_reason(manifest: EngineManifest | None = None) -> str | None:
-    """None when torch (and the exporter's graph module, which ships with this package) imports.
-
-    The backend runs on the CPU without a GPU; `device_unavailable_reason("cuda")` says whether
-    a CUDA device is usable.
-    """
-    try:
-        import torch  # noqa: F401
-
-        from interactive.export import graph  # noqa: F401
-    except ImportError as err:
-        return f"torch backend needs PyTorch: pip install 'interactive[torch]' ({err})"
-    if manifest is not None and "export" not in manifest.data:
-        return f"{manifest.directory}: the manifest has no export record to rebuild the graph from"
-    return None
+    return optional_import("torch", "the torch backend needs PyTorch", INSTALL)
 
 
 def device_unavailable_reason(device: str) -> str | None:
@@ -80,7 +62,7 @@ def device_unavailable_reason(device: str) -> str | None:
     return None
 
 
-class TorchBackend:
+class TorchBackend(Backend):
     """The analytic graph in PyTorch: one module and one set of weights for every bucket.
 
     Options (also through `Extractor.open(dir, backend="torch", ...)`):
@@ -92,10 +74,35 @@ class TorchBackend:
       CUDA (CUDA graphs: one launch per batch instead of hundreds of kernels), "default" on the
       CPU.
     - `channels_last`: NHWC convolutions, default on for CUDA (tensor-core layout).
-    - `seed_scale`: the reduced-precision seed scale (default 256 for fp16/bf16, 1 for fp32).
+    - `seed_scale`: the reduced-precision seed scale (default `seed_scale_for(precision)`: 256
+      for fp16/bf16, 1 for fp32).
     """
 
     name = "torch"
+    options = frozenset(
+        {"device", "precision", "compile", "compile_mode", "channels_last", "seed_scale"}
+    )
+    precisions = PRECISIONS
+
+    @classmethod
+    def unavailable_reason(cls, manifest: EngineManifest | None = None) -> str | None:
+        """None when torch (and the exporter's graph module, which ships with this package)
+        imports, and, given a manifest, when it records the export to rebuild the graph from.
+
+        The backend runs on the CPU without a GPU; `device_unavailable_reason("cuda")` says
+        whether a CUDA device is usable.
+        """
+        try:
+            import torch  # noqa: F401
+
+            from . import graph  # noqa: F401
+        except ImportError as err:
+            return f"torch backend needs PyTorch: {INSTALL} ({err})"
+        if manifest is not None and "export" not in manifest.data:
+            return (
+                f"{manifest.directory}: the manifest has no export record to rebuild the graph from"
+            )
+        return None
 
     def __init__(
         self,
@@ -112,10 +119,8 @@ class TorchBackend:
         self.manifest = manifest
         self.device = torch.device(_resolve_device(device))
         on_cuda = self.device.type == "cuda"
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
-        self.precision = precision
-        self.dtype = getattr(torch, PRECISIONS[precision])
+        self.precision = self.check_precision(precision)
+        self.dtype = getattr(torch, DTYPES[precision])
         if compile not in (True, False, "auto"):
             raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
         self.compile = on_cuda if compile == "auto" else bool(compile)
@@ -126,18 +131,18 @@ class TorchBackend:
             raise ValueError(f"channels_last must be True, False or None, got {channels_last!r}")
         self.channels_last = on_cuda if channels_last is None else channels_last
         if seed_scale is None:
-            seed_scale = 1.0 if precision == "fp32" else REDUCED_SEED_SCALE
+            seed_scale = seed_scale_for(precision)
         if not seed_scale > 0:
             raise ValueError(f"seed_scale must be positive, got {seed_scale!r}")
         self.seed_scale = float(seed_scale)
-        from interactive.export.spec import engine_spec
+        from .spec import engine_spec
 
         self.spec = engine_spec(manifest)
         self.module = self._build_module()
         self._compiled: dict[tuple[tuple[int, int], int], Callable[..., Any]] = {}
 
     def _build_module(self) -> Any:
-        from interactive.export.graph import AnalyticGraph, state_dict_from_buffers
+        from .graph import AnalyticGraph, state_dict_from_buffers
 
         torch = _torch()
         tensors = {n: torch.tensor(a) for n, a in engine_tensors(self.manifest).items()}
@@ -153,7 +158,8 @@ class TorchBackend:
             raise EngineError(f"{self.manifest.directory}: tensors {unexpected} fit no buffer")
         module.cast_weights(self.dtype)
         if self.channels_last:
-            module = module.to(memory_format=torch.channels_last)
+            # Module.to takes memory_format (documented), which torch's overloads leave out.
+            module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         return module.to(self.device)
 
     @property
@@ -227,10 +233,7 @@ class TorchBackend:
 
 
 def _resolve_device(device: str) -> str:
-    if not isinstance(device, str) or not (
-        device in DEVICES or (device.startswith("cuda:") and device[5:].isdigit())
-    ):
-        raise ValueError(f"device must be one of {DEVICES} or 'cuda:N', got {device!r}")
+    check_device(device, CPU_DEVICES)
     if device == "auto":
         return "cuda" if device_unavailable_reason("cuda") is None else "cpu"
     reason = device_unavailable_reason(device)

@@ -1,9 +1,5 @@
 """`backend="tensorrt"`: TensorRT plans built by `interactive build --backend tensorrt`.
 
-NOT RUN ANYWHERE YET: written against TensorRT's and cuda-python's documented Python APIs and
-type-checked with mypy against tensorrt-stubs; no TensorRT or GPU was available where it was
-written. `make gpu-check` (bench/gpu_check.py) runs it on a GPU host.
-
 An engine directory's plans are weight-stripped: `bucket-WxH.PRECISION.plan` holds the kernels,
 and the weights are refitted at load from the directory's one `weights.bin`, through the
 TensorRT graph the builder wrote beside it (`bucket-WxH.PRECISION.trt.onnx`) and the ONNX
@@ -16,154 +12,44 @@ buffers. A batch goes through two CUDA streams: the uint8 pixels (4x fewer bytes
 are copied from pinned host memory on an upload stream, and the plan runs on a compute stream;
 a batch larger than the plan's profile is split into profile-sized chunks whose uploads overlap
 the compute of the chunk before.
+
+Importing this module needs neither TensorRT nor cuda-python (nor the builder, imported only for
+a `lazy` build); `TensorRTBackend.unavailable_reason` says what is missing.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .backends import BucketCache, check_batch
-from .buckets import format_size
-from .manifest import EngineError, EngineManifest
+from interactive.runtime.backends.base import GPU_DEVICES, Backend, check_device, cuda_index
+from interactive.runtime.backends.common import BucketCache, check_batch, cuda_device_count
+from interactive.runtime.buckets import format_size
+from interactive.runtime.manifest import EngineError, EngineManifest
+from interactive.runtime.settings import PRECISIONS
+
+from .tensorrt_plans import (
+    build_command,
+    cuda_call,
+    cudart_module,
+    graph_name,
+    here_facts,
+    plan_facts,
+    plan_incompatibility,
+    plan_name,
+    tensorrt_module,
+    tensorrt_section,
+)
 
 if TYPE_CHECKING:  # mypy checks the TensorRT calls against tensorrt-stubs
     import tensorrt as trt
 
 log = logging.getLogger("interactive")
-
-PRECISIONS = ("fp32", "fp16", "bf16")
-INSTALL = (
-    "pip install 'interactive[gpu]' tensorrt (TensorRT's wheels; NVIDIA's index: "
-    "--extra-index-url https://pypi.nvidia.com)"
-)
-
-
-def tensorrt_module() -> Any:
-    """The real `tensorrt` package, or an EngineError saying what to install.
-
-    tensorrt-stubs alone (the type-checking stubs) import as an empty namespace package.
-    """
-    try:
-        import tensorrt
-    except ImportError as err:
-        raise EngineError(f"TensorRT is not installed ({err}): {INSTALL}") from err
-    if not hasattr(tensorrt, "Builder"):
-        raise EngineError(f"only TensorRT's type stubs are installed, not TensorRT: {INSTALL}")
-    return tensorrt
-
-
-def cudart_module() -> Any:
-    """cuda-python's CUDA runtime bindings (`cuda.bindings.runtime`, or `cuda.cudart` before
-    cuda-python 12.6), or an EngineError saying what to install."""
-    try:
-        from cuda.bindings import runtime
-    except ImportError:
-        try:
-            from cuda import cudart as runtime
-        except ImportError as err:
-            raise EngineError(f"cuda-python is not installed ({err}): {INSTALL}") from err
-    return runtime
-
-
-def cuda_call(result: Any) -> Any:
-    """cuda-python calls return (error, *values): raise on an error, else the value(s)."""
-    error, *values = result if isinstance(result, tuple) else (result,)
-    if int(error) != 0:
-        _, name = cudart_module().cudaGetErrorName(error)
-        raise RuntimeError(
-            f"CUDA error {int(error)}: {name.decode() if isinstance(name, bytes) else name}"
-        )
-    if not values:
-        return None
-    return values[0] if len(values) == 1 else tuple(values)
-
-
-def gpu_facts(device: int = 0) -> dict[str, str]:
-    """What a plan is tied to on this host: TensorRT version, GPU name, compute capability."""
-    version = tensorrt_module().__version__
-    props = cuda_call(cudart_module().cudaGetDeviceProperties(device))
-    name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
-    return {
-        "tensorrt": str(version),
-        "gpu": name.rstrip("\x00").strip(),
-        "compute_capability": f"{props.major}.{props.minor}",
-    }
-
-
-def plan_name(bucket: tuple[int, int], precision: str) -> str:
-    return f"bucket-{format_size(bucket)}.{precision}.plan"
-
-
-def graph_name(bucket: tuple[int, int], precision: str) -> str:
-    return f"bucket-{format_size(bucket)}.{precision}.trt.onnx"
-
-
-def tensorrt_section(manifest: EngineManifest) -> dict[str, Any]:
-    """manifest["tensorrt"]: {"settings": last build's options, "plans": {bucket: {precision:
-    build facts}}}; empty sections when nothing was built."""
-    section: dict[str, Any] = manifest.data.get("tensorrt") or {}
-    section.setdefault("settings", {})
-    section.setdefault("plans", {})
-    return section
-
-
-def plan_facts(manifest: EngineManifest, bucket: tuple[int, int], precision: str) -> dict | None:
-    found: dict | None = (
-        tensorrt_section(manifest)["plans"].get(format_size(bucket), {}).get(precision)
-    )
-    return found
-
-
-def build_command(
-    manifest: EngineManifest,
-    precision: str,
-    buckets: list[tuple[int, int]] | None = None,
-    max_batch: int | None = None,
-    force: bool = False,
-) -> str:
-    """The `interactive build` command that (re)builds these plans."""
-    args = ["interactive", "build", "--engine", str(manifest.directory), "--backend", "tensorrt"]
-    args += ["--precision", precision]
-    if buckets:
-        args += ["--buckets", ",".join(format_size(b) for b in buckets)]
-    if max_batch:
-        args += ["--max-batch", str(max_batch)]
-    if force:
-        args.append("--force")
-    return shlex.join(args)
-
-
-def plan_incompatibility(facts: dict[str, Any], here: dict[str, str]) -> str | None:
-    """Why a plan built with `facts` cannot run `here` (gpu_facts() plus the engine's
-    `weights_sha256`), or None. Same TensorRT version and compute capability are required
-    (TensorRT refuses anything else); the same weights too, since plans are refitted from the
-    directory's weights under REFIT_IDENTICAL."""
-    problems = []
-    if facts.get("tensorrt") != here.get("tensorrt"):
-        problems.append(f"TensorRT {facts.get('tensorrt')} (this host has {here.get('tensorrt')})")
-    if facts.get("compute_capability") != here.get("compute_capability"):
-        problems.append(
-            f"{facts.get('gpu')}, compute capability {facts.get('compute_capability')} (this "
-            f"host has {here.get('gpu')}, {here.get('compute_capability')})"
-        )
-    if "weights_sha256" in here and facts.get("weights_sha256") != here["weights_sha256"]:
-        problems.append("other weights than this directory's weights.bin")
-    return "built for " + " and ".join(problems) if problems else None
-
-
-def here_facts(manifest: EngineManifest, device: int = 0) -> dict[str, str]:
-    facts = gpu_facts(device)
-    sha = manifest.data.get("weights", {}).get("sha256")
-    if sha:
-        facts["weights_sha256"] = str(sha)
-    return facts
 
 
 def _library_reason() -> str | None:
@@ -172,40 +58,9 @@ def _library_reason() -> str | None:
         cudart_module()
     except EngineError as err:
         return f"tensorrt: {err}"
-    from .backends import cuda_device_count
-
     if cuda_device_count() == 0:
         return "tensorrt: no CUDA GPU (the CUDA driver finds none)"
     return None
-
-
-def unavailable_reason(manifest: EngineManifest | None = None) -> str | None:
-    """None when TensorRT, cuda-python and a GPU are here and, given a manifest, when it has
-    a plan for this GPU and TensorRT version (or its build settings say `lazy`)."""
-    reason = _library_reason()
-    if reason is not None or manifest is None:
-        return reason
-    section = tensorrt_section(manifest)
-    if section["settings"].get("lazy"):
-        return None
-    here = here_facts(manifest)
-    refused: list[tuple[str, str, str]] = []  # (bucket, precision, why)
-    for bucket, by_precision in section["plans"].items():
-        for precision, facts in by_precision.items():
-            why = plan_incompatibility(facts, here)
-            if why is None:
-                return None
-            refused.append((bucket, precision, why))
-    if not refused:
-        return (
-            f"tensorrt: {manifest.directory} has no TensorRT plans; build them with "
-            f"`{build_command(manifest, 'fp16')}`"
-        )
-    return (
-        f"tensorrt: no plan in {manifest.directory} runs here ("
-        + "; ".join(f"{b} {p}: {why}" for b, p, why in refused[:3])
-        + f"); rebuild with `{build_command(manifest, refused[0][1], force=True)}`"
-    )
 
 
 class _PinnedArray:
@@ -365,17 +220,48 @@ def _refit(logger: trt.ILogger, engine: trt.ICudaEngine, graph: Path) -> None:
         raise EngineError(f"TensorRT could not refit the engine of {graph} (see its log)")
 
 
-class TensorRTBackend:
+class TensorRTBackend(Backend):
     """TensorRT plans of one precision, deserialised per bucket on first use.
 
     Options (also through `Extractor.open(dir, backend="tensorrt", ...)`):
     - `precision`: "fp32", "fp16" or "bf16"; default the last build's (manifest settings).
     - `lazy`: build a bucket's missing plan on first use (default: the manifest's setting,
       which `interactive build --lazy` records); building takes minutes per bucket.
-    - `device`: CUDA device index (default 0). `max_open_buckets`: engines kept (default 4).
+    - `device`: "cuda" or "cuda:N" (default "cuda"). `max_open_buckets`: engines kept (default 4).
     """
 
     name = "tensorrt"
+    options = frozenset({"precision", "lazy", "device", "max_open_buckets"})
+    precisions = PRECISIONS
+
+    @classmethod
+    def unavailable_reason(cls, manifest: EngineManifest | None = None) -> str | None:
+        """None when TensorRT, cuda-python and a GPU are here and, given a manifest, when it has
+        a plan for this GPU and TensorRT version (or its build settings say `lazy`)."""
+        reason = _library_reason()
+        if reason is not None or manifest is None:
+            return reason
+        section = tensorrt_section(manifest)
+        if section["settings"].get("lazy"):
+            return None
+        here = here_facts(manifest)
+        refused: list[tuple[str, str, str]] = []  # (bucket, precision, why)
+        for bucket, by_precision in section["plans"].items():
+            for precision, facts in by_precision.items():
+                why = plan_incompatibility(facts, here)
+                if why is None:
+                    return None
+                refused.append((bucket, precision, why))
+        if not refused:
+            return (
+                f"tensorrt: {manifest.directory} has no TensorRT plans; build them with "
+                f"`{build_command(manifest, 'fp16')}`"
+            )
+        return (
+            f"tensorrt: no plan in {manifest.directory} runs here ("
+            + "; ".join(f"{b} {p}: {why}" for b, p, why in refused[:3])
+            + f"); rebuild with `{build_command(manifest, refused[0][1], force=True)}`"
+        )
 
     def __init__(
         self,
@@ -383,32 +269,29 @@ class TensorRTBackend:
         *,
         precision: str | None = None,
         lazy: bool | None = None,
-        device: int = 0,
+        device: str = "cuda",
         max_open_buckets: int = 4,
     ) -> None:
         settings = tensorrt_section(manifest)["settings"]
-        self.precision = precision or settings.get("precision", "fp32")
-        if self.precision not in PRECISIONS:
-            raise ValueError(
-                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
-            )
+        self.precision = self.check_precision(precision or settings.get("precision", "fp32"))
+        self.device = check_device(device, GPU_DEVICES)
         self._plans: BucketCache[_BucketPlan] = BucketCache(
             max_open_buckets, self._load_plan, discard=_BucketPlan.free
         )
         self.manifest = manifest
         self.lazy = bool(settings.get("lazy")) if lazy is None else lazy
-        self.device = device
         tensorrt_module()  # a clear error when TensorRT is missing
         import tensorrt as trt
 
         rt = cudart_module()
-        cuda_call(rt.cudaSetDevice(device))
+        index = cuda_index(device)
+        cuda_call(rt.cudaSetDevice(index))
         self.logger: trt.ILogger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         flags = rt.cudaStreamNonBlocking
         self.upload = cuda_call(rt.cudaStreamCreateWithFlags(flags))
         self.compute = cuda_call(rt.cudaStreamCreateWithFlags(flags))
-        self._here = here_facts(manifest, device)
+        self._here = here_facts(manifest, index)
 
     def plan(self, bucket: tuple[int, int]) -> _BucketPlan:
         return self._plans.get(bucket)
@@ -422,7 +305,7 @@ class TensorRTBackend:
         self.manifest.bucket_path(bucket)  # a bucket without a graph names the export command
         facts = plan_facts(self.manifest, bucket, self.precision)
         if facts is None and self.lazy:
-            from interactive.engines.tensorrt_build import BuildSettings, build_plans
+            from .tensorrt_build import BuildSettings, build_plans
 
             settings = BuildSettings.from_manifest(
                 self.manifest,

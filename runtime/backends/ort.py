@@ -1,4 +1,5 @@
-"""`backend="ort-cuda"` and `backend="ort-tensorrt"`: ONNX Runtime on a GPU through IO binding.
+"""The ONNX Runtime backends: `ort` (sessions run by `session.run`, CPU or CUDA as onnxruntime
+has them) and its IO-binding GPU forms `ort-cuda` and `ort-tensorrt`.
 
 IO binding hands ONNX Runtime the uint8 batch as it is (one copy to the device, 4x fewer bytes
 than float pixels) and preallocated float32 numpy arrays for every output, which ONNX Runtime
@@ -6,8 +7,9 @@ fills directly: no output goes through `session.run`'s Python-side copies. The b
 the same for every provider, so `OrtBoundBackend` with the CPU provider (what the tests run)
 exercises exactly the path that the CUDA and TensorRT providers take.
 
-Both need onnxruntime-gpu (`pip install onnxruntime-gpu` in place of onnxruntime) and a CUDA
-GPU; `ort-tensorrt` also needs TensorRT's libraries (`pip install tensorrt`).
+`ort-cuda` and `ort-tensorrt` need onnxruntime-gpu (`pip install onnxruntime-gpu` in place of
+onnxruntime) and a CUDA GPU; `ort-tensorrt` also needs TensorRT's libraries (`pip install
+tensorrt`).
 """
 
 from __future__ import annotations
@@ -20,11 +22,80 @@ from typing import Any
 
 import numpy as np
 
-from .backends import OrtBackend, _ort, check_batch, cuda_device_count, release_freed_memory
-from .manifest import EngineError, EngineManifest
+from ..manifest import EngineManifest
+from .base import GPU_DEVICES, Backend, check_device, cuda_index
+from .common import BucketCache, check_batch, cuda_device_count, release_freed_memory
+from .sessions import default_providers, engine_initializers, onnxruntime_module, ort_session
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 TENSORRT_PROVIDER = "TensorrtExecutionProvider"
+ORT_OPTIONS = frozenset(
+    {"precision", "providers", "max_open_buckets", "threads", "prepack", "release_memory"}
+)
+
+
+class OrtBackend(Backend):
+    """ONNX Runtime sessions opened lazily per bucket and kept in a bounded LRU.
+
+    `release_memory` (default on) returns freed activations to the OS after every batch, so RSS
+    stays at one bucket's peak however many sizes go through (0-8% slower on the 2-core CPU at
+    512x512, batch 1; bench/RESULTS.md). `prepack` lets ORT keep its own reordered copy of the
+    weights per session: a little faster, but every open bucket then costs a copy of them.
+    `precision`: "fp32" only (ONNX Runtime runs the exported graphs' own types).
+    """
+
+    name = "ort"
+    options = ORT_OPTIONS
+
+    @classmethod
+    def unavailable_reason(cls, manifest: EngineManifest | None = None) -> str | None:
+        """None: the `ort` backend needs onnxruntime only, a hard dependency."""
+        return None
+
+    def __init__(
+        self,
+        manifest: EngineManifest,
+        *,
+        precision: str = "fp32",
+        providers: list[Any] | None = None,
+        max_open_buckets: int = 4,
+        threads: int = 0,
+        prepack: bool = False,
+        release_memory: bool = True,
+    ) -> None:
+        self.precision = self.check_precision(precision)
+        self.manifest = manifest
+        self.providers = providers or default_providers()
+        self.threads = threads
+        self.prepack = prepack
+        self.release_memory = release_memory
+        self._sessions: BucketCache[Any] = BucketCache(max_open_buckets, self._open_session)
+
+    def session(self, bucket: tuple[int, int]) -> Any:
+        return self._sessions.get(bucket)
+
+    def _open_session(self, bucket: tuple[int, int]) -> Any:
+        return ort_session(
+            self.manifest.bucket_path(bucket),
+            engine_initializers(self.manifest),
+            providers=self.providers,
+            threads=self.threads,
+            prepack=self.prepack,
+        )
+
+    @property
+    def open_buckets(self) -> list[tuple[int, int]]:
+        return self._sessions.buckets
+
+    def run(self, bucket: tuple[int, int], images: np.ndarray) -> dict[str, np.ndarray]:
+        outputs = self.manifest.outputs
+        values = self.session(bucket).run(outputs, {self.manifest.input_name: images})
+        if self.release_memory:
+            release_freed_memory()
+        return dict(zip(outputs, values, strict=True))
+
+    def close(self) -> None:
+        self._sessions.clear()
 
 
 class OrtBoundBackend(OrtBackend):
@@ -54,7 +125,7 @@ class OrtBoundBackend(OrtBackend):
 
 
 def _gpu_reason(provider: str, label: str) -> str | None:
-    available = _ort().get_available_providers()
+    available = onnxruntime_module().get_available_providers()
     if provider not in available:
         return (
             f"{label} needs onnxruntime-gpu ({provider}); this onnxruntime has "
@@ -68,34 +139,33 @@ def _gpu_reason(provider: str, label: str) -> str | None:
 class OrtCudaBackend(OrtBoundBackend):
     """ONNX Runtime's CUDA provider, float32 (the exported graphs' own precision).
 
-    Options: `device_id` (default 0), `precision` ("fp32" only: ORT runs the graph's types),
-    and OrtBackend's.
+    Options: `device` ("cuda" or "cuda:N", default "cuda"), `precision` ("fp32" only: ORT runs
+    the graph's types), and OrtBackend's (`providers` replaces the CUDA provider this sets up).
     """
 
     name = "ort-cuda"
+    options = ORT_OPTIONS | {"device"}
 
-    @staticmethod
-    def unavailable_reason(manifest: EngineManifest | None = None) -> str | None:
+    @classmethod
+    def unavailable_reason(cls, manifest: EngineManifest | None = None) -> str | None:
         """onnxruntime-gpu's CUDA provider and a CUDA GPU."""
-        return _gpu_reason(CUDA_PROVIDER, "ort-cuda")
+        return _gpu_reason(CUDA_PROVIDER, cls.name)
 
     def __init__(
         self,
         manifest: EngineManifest,
         *,
-        device_id: int = 0,
-        precision: str = "fp32",
+        device: str = "cuda",
         **options: Any,
     ) -> None:
-        if precision != "fp32":
-            raise EngineError(
-                f"ort-cuda runs the exported float32 graphs only, not {precision!r}; "
-                "use backend 'tensorrt', 'ort-tensorrt' (fp16) or 'torch' for reduced precision"
-            )
+        self.device = check_device(device, GPU_DEVICES)
         # TF32 (on by default in the CUDA provider) alone approaches fp32's 1e-3 tolerance.
-        settings = {"device_id": device_id, "use_tf32": "0", "cudnn_conv_use_max_workspace": "1"}
-        cuda = (CUDA_PROVIDER, settings)
-        options.setdefault("providers", [cuda, "CPUExecutionProvider"])
+        settings = {
+            "device_id": cuda_index(device),
+            "use_tf32": "0",
+            "cudnn_conv_use_max_workspace": "1",
+        }
+        options.setdefault("providers", [(CUDA_PROVIDER, settings), "CPUExecutionProvider"])
         super().__init__(manifest, **options)
 
 
@@ -125,36 +195,38 @@ class OrtTensorrtBackend(OrtBoundBackend):
     (default ENGINE_DIR/ort-tensorrt-cache), with one optimisation profile for batches
     1..`max_batch` (default 8). `precision`: "fp32" or "fp16" (TensorRT's own mixed precision
     on the exported graph; the conformance suite checks it against ALGORITHM.md's tolerances).
+    `device`: "cuda" or "cuda:N"; `workspace_gb`: TensorRT's builder workspace.
     """
 
     name = "ort-tensorrt"
+    options = ORT_OPTIONS | {"device", "max_batch", "cache_dir", "workspace_gb"}
+    precisions = ("fp32", "fp16")
 
-    @staticmethod
-    def unavailable_reason(manifest: EngineManifest | None = None) -> str | None:
+    @classmethod
+    def unavailable_reason(cls, manifest: EngineManifest | None = None) -> str | None:
         """onnxruntime-gpu's TensorRT provider, TensorRT's libraries and a CUDA GPU."""
-        return _gpu_reason(TENSORRT_PROVIDER, "ort-tensorrt") or _tensorrt_libraries_reason()
+        return _gpu_reason(TENSORRT_PROVIDER, cls.name) or _tensorrt_libraries_reason()
 
     def __init__(
         self,
         manifest: EngineManifest,
         *,
-        device_id: int = 0,
+        device: str = "cuda",
         precision: str = "fp32",
         max_batch: int = 8,
         cache_dir: str | os.PathLike[str] | None = None,
         workspace_gb: float = 4.0,
         **options: Any,
     ) -> None:
-        if precision not in ("fp32", "fp16"):
-            raise EngineError(f"ort-tensorrt precision must be fp32 or fp16, got {precision!r}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.max_batch = max_batch
-        self.precision = precision
-        self.device_id = device_id
+        self.device = check_device(device, GPU_DEVICES)
+        self.device_id = cuda_index(device)
         self.cache_dir = Path(cache_dir or manifest.directory / "ort-tensorrt-cache")
         self.workspace_gb = workspace_gb
-        super().__init__(manifest, **options)
+        # precision: TensorRT's, on the float32 graph
+        super().__init__(manifest, precision=precision, **options)
 
     def session(self, bucket: tuple[int, int]) -> Any:
         # The profile names this bucket's shapes, so each bucket gets its own provider options.
@@ -194,8 +266,3 @@ class OrtTensorrtBackend(OrtBoundBackend):
                      for i in range(0, len(images), self.max_batch)]  # fmt: skip
             return {k: np.concatenate([p[k] for p in parts]) for k in self.manifest.outputs}
         return super().run(bucket, images)
-
-
-def unavailable_reason(manifest: EngineManifest | None = None) -> str | None:
-    """The module's reason is ort-cuda's; each class has its own (`backend_status` uses it)."""
-    return OrtCudaBackend.unavailable_reason(manifest)
