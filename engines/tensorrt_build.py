@@ -17,7 +17,7 @@ network input). For fp16/bf16 the network is strongly typed (TensorRT 11 has no 
 convolutions, their ReLUs and the max pools run in the reduced type, weights cast once at build
 time; everything else (the seed, ReLU masks, routing, channel and box sums, means, outputs)
 stays float32, and the seed gradient is multiplied by REDUCED_SEED_SCALE where it enters the
-backward pass and every output divided by it, so that no gradient underflows (ALGORITHM.md
+backward pass and every output divided by it, so that no gradient underflows (export/ALGORITHM.md
 section 6; everything after the seed is linear in it).
 """
 

@@ -11,7 +11,7 @@ Per bucket, `compile=True` gives a torch.compile'd graph specialised to that sha
 (dynamic=False); batches are padded to a power of two so that a bucket costs at most a dozen
 compilations however its batch sizes vary. fp16/bf16 hold the weights and run the convolutions
 in reduced precision, with the top gradient scaled by `seed_scale` so that nothing underflows
-(ALGORITHM.md section 6) and the activeness collection in float32.
+(export/ALGORITHM.md section 6) and the activeness collection in float32.
 
 The backend lives beside the graph it runs (the runtime never imports interactive.export); torch
 and the graph module are imported only when it is used, so the registry probes

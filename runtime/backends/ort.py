@@ -194,7 +194,8 @@ class OrtTensorrtBackend(OrtBoundBackend):
     TensorRT builds its engine on a bucket's first session and caches it under `cache_dir`
     (default ENGINE_DIR/ort-tensorrt-cache), with one optimisation profile for batches
     1..`max_batch` (default 8). `precision`: "fp32" or "fp16" (TensorRT's own mixed precision
-    on the exported graph; the conformance suite checks it against ALGORITHM.md's tolerances).
+    on the exported graph; the conformance suite checks it against the tolerances of
+    export/ALGORITHM.md).
     `device`: "cuda" or "cuda:N"; `workspace_gb`: TensorRT's builder workspace.
     """
 
