@@ -1,17 +1,16 @@
 """`interactive index`: a collection -> sharded Parquet features, resumable, safe on bad input.
 
-The source (a directory tree, a text file of paths, or a Parquet/CSV file with a path column) is
-streamed in a stable order and cut into shards of `shard_size` consecutive inputs. Shard k is
-`part-0000k.parquet`, written under a temporary name and renamed when complete, so after a crash
-(even `kill -9`) a rerun skips the finished shards without reading their images and redoes the
-rest: every input ends up in exactly one row. Decoding and resizing run in worker processes that
-feed a bucket-aware batcher; a bounded window of images in flight keeps memory flat whatever the
-collection size.
+The source (a directory tree, a text file of paths, or a Parquet/CSV file with a path column:
+runtime/index_sources.py) is streamed in a stable order and cut into shards of `shard_size`
+consecutive inputs. Shard k is `part-0000k.parquet`, written under a temporary name and renamed
+when complete, so after a crash (even `kill -9`) a rerun skips the finished shards without
+reading their images and redoes the rest: every input ends up in exactly one row. Decoding and
+resizing run in worker processes that feed a bucket-aware batcher; a bounded window of images in
+flight keeps memory flat whatever the collection size.
 """
 
 from __future__ import annotations
 
-import csv
 import ctypes
 import hashlib
 import json
@@ -34,15 +33,11 @@ import pyarrow.parquet as pq
 from .api import Extractor
 from .buckets import format_size
 from .images import ImageError, PreparedImage, image_size, prepare_image
+from .index_sources import IndexJobError, iter_sources, limited
 from .manifest import EngineManifest, package_version
 from .parquet import features_table, write_table
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"})
 RUN_MANIFEST = "_manifest.json"
-
-
-class IndexJobError(ValueError):
-    """A problem with the job itself (source, output directory, options), found before any work."""
 
 
 @dataclass
@@ -81,66 +76,6 @@ class IndexReport:
         self.images += len(status)
         self.errors += sum(s != "ok" for s in status)
         self.by_bucket.update(b for b in table.column("bucket").to_pylist() if b)
-
-
-def iter_sources(source: Path, path_column: str = "path") -> Iterator[str]:
-    """Image paths of SOURCE in a stable order, streamed (never all listed in memory).
-
-    Problems with SOURCE itself (missing, no such column) raise here, before any work starts.
-    """
-    suffix = source.suffix.lower()
-    if source.is_dir():
-        return _walk_images(source)
-    if not source.is_file():
-        raise IndexJobError(f"SOURCE {str(source)!r} does not exist")
-    if suffix in (".parquet", ".csv"):
-        columns = _table_columns(source)
-        if path_column not in columns:
-            raise IndexJobError(f"{source}: no column {path_column!r} (columns: {columns})")
-        return (
-            _parquet_paths(source, path_column)
-            if suffix == ".parquet"
-            else _csv_paths(source, path_column)
-        )
-    return _text_paths(source)
-
-
-def _walk_images(root: Path) -> Iterator[str]:
-    for directory, subdirs, files in os.walk(root):
-        subdirs.sort()
-        for name in sorted(files):
-            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                yield os.path.join(directory, name)
-
-
-def _table_columns(source: Path) -> list[str]:
-    if source.suffix.lower() == ".parquet":
-        return list(pq.ParquetFile(source).schema_arrow.names)
-    with open(source, newline="", encoding="utf-8") as f:
-        return next(csv.reader(f), [])
-
-
-def _parquet_paths(source: Path, column: str) -> Iterator[str]:
-    for batch in pq.ParquetFile(source).iter_batches(columns=[column], batch_size=4096):
-        yield from (str(p) for p in batch.column(0).to_pylist())
-
-
-def _csv_paths(source: Path, column: str) -> Iterator[str]:
-    with open(source, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            yield row[column]
-
-
-def _text_paths(source: Path) -> Iterator[str]:
-    with open(source, encoding="utf-8") as f:
-        for line in f:
-            if line.strip() and not line.startswith("#"):
-                yield line.rstrip("\n")
-
-
-def limited(sources: Iterator[str], limit: int | None) -> Iterator[str]:
-    """The first `limit` sources (all when None)."""
-    return sources if limit is None else islice(sources, limit)
 
 
 def source_id(path: str) -> str:
