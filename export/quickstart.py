@@ -16,7 +16,7 @@ from pathlib import Path
 from interactive.runtime.buckets import DEFAULT_AREA, bucket_for, format_size
 from interactive.runtime.extract import extract_to_parquet
 from interactive.runtime.images import ImageError, image_size
-from interactive.runtime.index import IMAGE_SUFFIXES, iter_sources
+from interactive.runtime.index_sources import IMAGE_SUFFIXES, iter_sources
 from interactive.runtime.settings import ExportSettings
 
 from .exporter import ExportRequest, export_engine

@@ -262,7 +262,7 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_index(args: argparse.Namespace) -> int:
-    from .index import IndexOptions, dry_run, run_index
+    from .index import Executor, IndexOptions, dry_run, run_index
 
     options = IndexOptions(
         batch_size=args.batch_size,
@@ -284,19 +284,20 @@ def _run_index(args: argparse.Namespace) -> int:
             print(f"the engine lacks {len(plan['missing'])} buckets; add them with:")
             print(f"  {plan['export_command']}")
         return EXIT_OK
+    executor: Executor
     if args.ray is not None:
-        from .ray_index import run_ray_index
+        from .ray_index import RayExecutor
 
-        report = run_ray_index(
-            args.source, args.engine, args.output, options, backend=args.backend,
-            address=None if args.ray == "local" else args.ray, actors=args.actors,
-            overwrite=args.overwrite, progress=args.progress,
-        )  # fmt: skip
+        address = None if args.ray == "local" else args.ray
+        executor = RayExecutor(address=address, actors=args.actors, backend=args.backend)
     else:
-        report = run_index(
-            args.source, args.engine, args.output, options, backend=args.backend,
-            workers=args.workers, overwrite=args.overwrite, progress=args.progress,
-        )  # fmt: skip
+        from .index_local import LocalExecutor
+
+        executor = LocalExecutor(workers=args.workers, backend=args.backend)
+    report = run_index(
+        args.source, args.engine, args.output, options, executor,
+        overwrite=args.overwrite, progress=args.progress,
+    )  # fmt: skip
     print(
         f"{report.images} images in the output ({report.errors} errors); this run processed "
         f"{report.processed} in {report.seconds:.1f} s ({report.images_per_second:.2f} "

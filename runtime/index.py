@@ -1,48 +1,43 @@
 """`interactive index`: a collection -> sharded Parquet features, resumable, safe on bad input.
 
-The source (a directory tree, a text file of paths, or a Parquet/CSV file with a path column) is
-streamed in a stable order and cut into shards of `shard_size` consecutive inputs. Shard k is
-`part-0000k.parquet`, written under a temporary name and renamed when complete, so after a crash
-(even `kill -9`) a rerun skips the finished shards without reading their images and redoes the
-rest: every input ends up in exactly one row. Decoding and resizing run in worker processes that
-feed a bucket-aware batcher; a bounded window of images in flight keeps memory flat whatever the
-collection size.
+The job, once for every executor. SOURCE (runtime/index_sources.py) is streamed in a stable order
+and cut into shards of `shard_size` consecutive inputs. Shard k is `part-0000k.parquet`, written
+under a temporary name and renamed when complete, so after a crash (even `kill -9`) a rerun skips
+the finished shards without reading their images and redoes the rest: every input ends up in
+exactly one row. The job validates the options against the engine's manifest, keeps the run
+manifest (`_manifest.json`), writes the shards and the report; an `Executor` only turns the
+pending shards' paths into output rows (`shard_rows`): `LocalExecutor` (runtime/index_local.py,
+decoding processes on this machine) or `RayExecutor` (runtime/ray_index.py, a Ray cluster).
 """
 
 from __future__ import annotations
 
-import csv
-import ctypes
 import hashlib
 import json
-import multiprocessing
-import os
-import signal
-import sys
-import threading
+import logging
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Callable, Generator, Iterable, Iterator
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .api import Extractor
+from .api import Features
+from .atomic import write_json
 from .buckets import format_size
 from .images import ImageError, PreparedImage, image_size, prepare_image
+from .index_sources import IndexJobError, iter_sources, limited
 from .manifest import EngineManifest, package_version
 from .parquet import features_table, write_table
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"})
 RUN_MANIFEST = "_manifest.json"
-
-
-class IndexJobError(ValueError):
-    """A problem with the job itself (source, output directory, options), found before any work."""
+log = logging.getLogger("interactive")
 
 
 @dataclass
@@ -83,66 +78,6 @@ class IndexReport:
         self.by_bucket.update(b for b in table.column("bucket").to_pylist() if b)
 
 
-def iter_sources(source: Path, path_column: str = "path") -> Iterator[str]:
-    """Image paths of SOURCE in a stable order, streamed (never all listed in memory).
-
-    Problems with SOURCE itself (missing, no such column) raise here, before any work starts.
-    """
-    suffix = source.suffix.lower()
-    if source.is_dir():
-        return _walk_images(source)
-    if not source.is_file():
-        raise IndexJobError(f"SOURCE {str(source)!r} does not exist")
-    if suffix in (".parquet", ".csv"):
-        columns = _table_columns(source)
-        if path_column not in columns:
-            raise IndexJobError(f"{source}: no column {path_column!r} (columns: {columns})")
-        return (
-            _parquet_paths(source, path_column)
-            if suffix == ".parquet"
-            else _csv_paths(source, path_column)
-        )
-    return _text_paths(source)
-
-
-def _walk_images(root: Path) -> Iterator[str]:
-    for directory, subdirs, files in os.walk(root):
-        subdirs.sort()
-        for name in sorted(files):
-            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                yield os.path.join(directory, name)
-
-
-def _table_columns(source: Path) -> list[str]:
-    if source.suffix.lower() == ".parquet":
-        return list(pq.ParquetFile(source).schema_arrow.names)
-    with open(source, newline="", encoding="utf-8") as f:
-        return next(csv.reader(f), [])
-
-
-def _parquet_paths(source: Path, column: str) -> Iterator[str]:
-    for batch in pq.ParquetFile(source).iter_batches(columns=[column], batch_size=4096):
-        yield from (str(p) for p in batch.column(0).to_pylist())
-
-
-def _csv_paths(source: Path, column: str) -> Iterator[str]:
-    with open(source, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            yield row[column]
-
-
-def _text_paths(source: Path) -> Iterator[str]:
-    with open(source, encoding="utf-8") as f:
-        for line in f:
-            if line.strip() and not line.startswith("#"):
-                yield line.rstrip("\n")
-
-
-def limited(sources: Iterator[str], limit: int | None) -> Iterator[str]:
-    """The first `limit` sources (all when None)."""
-    return sources if limit is None else islice(sources, limit)
-
-
 def source_id(path: str) -> str:
     """A stable id for an input: the first 16 hex digits of the SHA-1 of its path."""
     return hashlib.sha1(path.encode("utf-8", "surrogateescape")).hexdigest()[:16]
@@ -152,38 +87,69 @@ def shard_name(k: int) -> str:
     return f"part-{k:05d}.parquet"
 
 
+def chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    """Consecutive lists of `size` items (the last may be shorter): how shards are cut."""
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
 # ------------------------------------------------------------------------------------------------
-# Decoding in worker processes
+# What an executor is given and gives back
 
 
-_worker_manifest: EngineManifest | None = None
+class Shard(NamedTuple):
+    """A shard still to do: its index k (it becomes shard_name(k)) and its inputs, in order."""
+
+    k: int
+    paths: list[str]
 
 
-def _init_worker(engine: str, job_pid: int) -> None:
-    global _worker_manifest
-    _die_with_the_job(job_pid)
-    _worker_manifest = EngineManifest.load(engine)
+class Progress:
+    """What the job shows while it runs; this one shows nothing (an executor's own, e.g. Ray
+    Data's bars, or none). The local executor's draws a bar or logs lines (index_local.py)."""
+
+    def skip(self, n: int) -> None:
+        """n inputs found done (a finished shard)."""
+
+    def track(
+        self, stream: Iterator[tuple[int, PreparedImage | str]]
+    ) -> Iterator[tuple[int, PreparedImage | str]]:
+        """Pass decoded items through, counting them."""
+        return stream
+
+    def close(self) -> None:
+        pass
 
 
-def _die_with_the_job(job_pid: int) -> None:
-    """Linux: the kernel kills this worker when the job's process dies, even by `kill -9`.
+@dataclass(frozen=True)
+class ShardWork:
+    """The job's side of a run, as an executor needs it."""
 
-    Without it a forked worker outlives a killed job, blocked for ever on a queue whose other end
-    it inherited. Elsewhere (no prctl) a no-op.
+    engine: Path  # the engine directory (workers open it by path)
+    manifest: EngineManifest
+    options: IndexOptions
+    progress: bool | None  # as asked (None: a bar on a terminal)
+    bar: Progress  # what the executor's `progress` made for this run
+
+
+Results = Generator[tuple[int, pa.Table], None, None]
+
+
+class Executor(ABC):
+    """Moves the pending shards' images to an engine and their output rows back.
+
+    The job does everything else (listing, shards, resume, manifest, writing, the report).
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:
-        return
-    pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() != job_pid:  # the job died before prctl took effect
-        os._exit(1)
 
+    @abstractmethod
+    def run(self, work: ShardWork, shards: Iterable[Shard]) -> Results:
+        """Yield (k, shard_rows of shard k's inputs, in input order) for each shard, in any order,
+        once it is whole. `shards` is lazy: it reads finished shards off disk as it goes."""
 
-def _prepare(path: str) -> PreparedImage | str:
-    assert _worker_manifest is not None, "_init_worker runs first in every worker"
-    return prepare_or_error(path, _worker_manifest)
+    def progress(self, enabled: bool | None, count: Callable[[], int]) -> Progress:
+        """The progress display for one run (`count()` lists SOURCE again, for a total)."""
+        return Progress()
 
 
 def prepare_or_error(path: str, manifest: EngineManifest) -> PreparedImage | str:
@@ -196,23 +162,17 @@ def prepare_or_error(path: str, manifest: EngineManifest) -> PreparedImage | str
         return f"{path}: unexpected error while decoding: {type(err).__name__}: {err}"
 
 
-def _prepared_stream(
-    paths: list[str], pool: ProcessPoolExecutor | None, window: int, manifest: EngineManifest
-) -> Iterator[tuple[int, PreparedImage | str]]:
-    """(position, prepared image or error) in input order, at most `window` images in flight."""
-    if pool is None:
-        for i, path in enumerate(paths):
-            yield i, prepare_or_error(path, manifest)
-        return
-    pending: deque[tuple[int, Future]] = deque()
-    for i, path in enumerate(paths):
-        pending.append((i, pool.submit(_prepare, path)))
-        if len(pending) >= window:
-            j, future = pending.popleft()
-            yield j, future.result()
-    while pending:
-        j, future = pending.popleft()
-        yield j, future.result()
+def shard_rows(paths: list[str], features: Features, options: IndexOptions) -> pa.Table:
+    """The output rows of `paths` (features_table's columns, ids from the paths), no metadata."""
+    return features_table(
+        paths,
+        features,
+        ids=[source_id(p) for p in paths],
+        layers=options.layers,
+        normalize=options.normalize,
+        concat=options.concat,
+        heatmaps=options.heatmaps,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -224,17 +184,21 @@ def run_index(
     engine: Path,
     out: Path,
     options: IndexOptions,
+    executor: Executor | None = None,
     *,
-    backend: str = "auto",
-    workers: int = 1,
     overwrite: bool = False,
     progress: bool | None = None,
 ) -> IndexReport:
-    """Index SOURCE into OUTDIR; returns what was done. Errors in the job itself raise early."""
-    extractor = Extractor.open(engine, backend=backend)
-    check_layers(options, extractor)
+    """Index SOURCE into OUTDIR with `executor` (default: LocalExecutor()); returns what was
+    done. Errors in the job itself raise early, before OUTDIR is touched."""
+    if executor is None:
+        from .index_local import LocalExecutor
+
+        executor = LocalExecutor()
+    manifest = EngineManifest.load(engine)
+    check_options(options, manifest)
     sources = limited(iter_sources(source, options.path_column), options.limit)
-    run = run_manifest(source, extractor.manifest, options)
+    run = run_manifest(source, manifest, options)
     prepare_outdir(out, run, overwrite)
     report = IndexReport()
     started = time.perf_counter()
@@ -242,46 +206,19 @@ def run_index(
     def count() -> int:
         return sum(1 for _ in limited(iter_sources(source, options.path_column), options.limit))
 
-    bar = _Progress(progress, count)
-    pool = None
-    if workers > 0:
-        # fork on Linux (the default there up to Python 3.13; 3.14 moves to forkserver), so that
-        # a worker's parent is this job, which _die_with_the_job relies on.
-        context = multiprocessing.get_context("fork") if sys.platform == "linux" else None
-        pool = ProcessPoolExecutor(
-            workers,
-            mp_context=context,
-            initializer=_init_worker,
-            initargs=(str(engine), os.getpid()),
-        )
+    bar = executor.progress(progress, count)
+    work = ShardWork(Path(engine), manifest, options, progress, bar)
+    metadata = {b"interactive.run": json.dumps(run).encode()}
+    pending = _pending(sources, out, options.shard_size, report, bar)
     try:
-        for k, paths in enumerate(chunks(sources, options.shard_size)):
-            target = out / shard_name(k)
-            if target.exists():
-                report.skipped_shards += 1
-                report.add(pq.read_table(target, columns=["status", "bucket"]))
-                bar.skip(len(paths))
-                continue
-            window = max(2 * options.batch_size, 4 * max(workers, 1))
-            stream = bar.track(_prepared_stream(paths, pool, window, extractor.manifest))
-            features = extractor.extract_prepared(stream, len(paths), options.batch_size)
-            table = features_table(
-                paths,
-                features,
-                {"interactive.run": json.dumps(run)},
-                ids=[source_id(p) for p in paths],
-                layers=options.layers,
-                normalize=options.normalize,
-                concat=options.concat,
-                heatmaps=options.heatmaps,
-            )
-            write_table(table, target)
-            report.written_shards += 1
-            report.processed += len(paths)
-            report.add(table)
+        with closing(executor.run(work, pending)) as results:
+            for k, rows in results:
+                write_table(rows.replace_schema_metadata(metadata), out / shard_name(k))
+                report.written_shards += 1
+                report.processed += rows.num_rows
+                report.add(rows)
+                log.info("index: wrote %s (%d rows)", shard_name(k), rows.num_rows)
     finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
         bar.close()
     report.seconds = time.perf_counter() - started
     run["result"] = {**asdict(report), "by_bucket": dict(report.by_bucket)}
@@ -289,26 +226,34 @@ def run_index(
     return report
 
 
-def chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
-    """Consecutive lists of `size` items (the last may be shorter): how shards are cut."""
-    iterator = iter(items)
-    while chunk := list(islice(iterator, size)):
-        yield chunk
+def _pending(
+    sources: Iterator[str], out: Path, shard_size: int, report: IndexReport, bar: Progress
+) -> Iterator[Shard]:
+    """The shards not yet on disk; the finished ones are counted into the report instead."""
+    for k, paths in enumerate(chunks(sources, shard_size)):
+        target = out / shard_name(k)
+        if target.exists():
+            report.skipped_shards += 1
+            report.add(pq.read_table(target, columns=["status", "bucket"]))
+            bar.skip(len(paths))
+            continue
+        yield Shard(k, paths)
 
 
-def check_layers(options: IndexOptions, extractor: Extractor) -> None:
-    """Raise IndexJobError when the options ask for what the engine cannot give."""
+def check_options(options: IndexOptions, manifest: EngineManifest) -> None:
+    """Raise IndexJobError when the options ask for what the engine cannot give (from its
+    manifest: no backend is opened)."""
     if options.batch_size < 1 or options.shard_size < 1:
         raise IndexJobError("--batch-size and --shard-size must be at least 1")
     if options.normalize not in ("none", "l2"):
         raise IndexJobError(f"--normalize must be none or l2, got {options.normalize!r}")
-    if options.heatmaps and not extractor.manifest.data.get("heatmaps"):
+    if options.heatmaps and not manifest.data.get("heatmaps"):
         raise IndexJobError(
             "--heatmaps needs an engine exported with `interactive export --heatmaps`"
         )
-    unknown = [t for t in options.layers or [] if t not in extractor.layers]
+    unknown = [t for t in options.layers or [] if t not in manifest.layers]
     if unknown:
-        raise IndexJobError(f"--layers {unknown}: not in this engine ({extractor.layers})")
+        raise IndexJobError(f"--layers {unknown}: not in this engine ({manifest.layers})")
 
 
 def run_manifest(source: Path, engine: EngineManifest, options: IndexOptions) -> dict[str, Any]:
@@ -348,13 +293,6 @@ def prepare_outdir(out: Path, run: dict[str, Any], overwrite: bool) -> None:
         raise IndexJobError(f"cannot write to -o {out}: {err.strerror or err}") from err
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Replace `path` atomically with `data` as JSON."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------------------------------
 # Dry run
 
@@ -377,63 +315,3 @@ def dry_run(source: Path, engine: Path, options: IndexOptions) -> dict[str, Any]
         "missing": [format_size(b) for b in missing],
         "export_command": manifest.export_command(missing) if missing else None,
     }
-
-
-# ------------------------------------------------------------------------------------------------
-# Progress
-
-
-class _Progress:
-    """A tqdm bar on a terminal, a log line every 10 s otherwise."""
-
-    def __init__(self, enabled: bool | None, count: Callable[[], int]) -> None:
-        interactive = sys.stderr.isatty() if enabled is None else enabled
-        self.bar: Any = None
-        if interactive:
-            from tqdm import tqdm
-
-            self.bar = tqdm(unit="img", dynamic_ncols=True, smoothing=0.1)
-            # The total (for the ETA) comes from a second, streaming pass over SOURCE in the
-            # background, so that a million-file tree starts at once.
-            threading.Thread(target=self._set_total, args=(count,), daemon=True).start()
-        self.done = self.errors = 0
-        self.started = self.last = time.perf_counter()
-
-    def _set_total(self, count: Callable[[], int]) -> None:
-        try:
-            self.bar.total = count()
-            self.bar.refresh()
-        except Exception:  # the ETA is a nicety; the job must not depend on it
-            pass
-
-    def skip(self, n: int) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def track(
-        self, stream: Iterator[tuple[int, PreparedImage | str]]
-    ) -> Iterator[tuple[int, PreparedImage | str]]:
-        for item in stream:
-            self.done += 1
-            self.errors += isinstance(item[1], str)
-            self._show()
-            yield item
-
-    def _show(self) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(errors=self.errors, refresh=False)
-            return
-        now = time.perf_counter()
-        if now - self.last >= 10:  # plain lines for logs and pipes, whatever the log level
-            rate = self.done / (now - self.started)
-            print(
-                f"index: {self.done} images decoded, {self.errors} errors, {rate:.1f} images/s",
-                file=sys.stderr,
-                flush=True,
-            )
-            self.last = now
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()

@@ -1,12 +1,13 @@
-"""`interactive index --ray`: the same job on a Ray cluster, with the same output.
+"""`interactive index --ray`: the Ray executor of the index job (runtime/index.py), same output.
 
 Ray Data runs the two heavy stages: decoding and resizing in CPU tasks (`map_batches` over blocks
 of paths), extraction in a pool of actors (`map_batches` with a callable class that opens the
-engine once; one GPU each when the cluster has GPUs). The driver lists SOURCE and cuts shards
-exactly as the local job does (`iter_sources`, `shard_size` consecutive inputs), consumes the
-result stream and writes each shard with the local job's writer once all its rows have arrived:
+engine once; one GPU each when the cluster has GPUs). The job (this process, the driver) lists
+SOURCE, cuts the shards and skips the finished ones exactly as for the local executor; this
+executor sends the pending shards' paths through Ray, reassembles the result stream by (shard,
+position) and hands each shard back to the job, which writes it, once all its rows have arrived:
 
-- a shard on disk is complete (temporary name + rename), so a rerun resumes like the local job
+- a shard on disk is complete (temporary name + rename), so a rerun resumes like a local run
   (and a local rerun can resume a Ray run's OUTDIR, and the other way round);
 - a lost actor is restarted by Ray and its batch retried (`max_restarts`, `max_task_retries`);
   the driver keeps the first copy of each (shard, position), so a retry can never duplicate a row;
@@ -20,42 +21,30 @@ node share the memory-mapped weights file through the page cache.
 
 from __future__ import annotations
 
-import json
 import logging
-import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from .api import Extractor
 from .images import PreparedImage
 from .index import (
-    RUN_MANIFEST,
+    Executor,
     IndexJobError,
     IndexOptions,
-    IndexReport,
-    check_layers,
-    chunks,
-    iter_sources,
-    limited,
+    Results,
+    Shard,
+    ShardWork,
     prepare_or_error,
-    prepare_outdir,
-    run_manifest,
-    shard_name,
-    source_id,
-    write_json,
+    shard_rows,
 )
 from .manifest import EngineManifest
-from .parquet import features_table, write_table
-
-log = logging.getLogger("interactive")
+from .optional import optional_import
 
 # Rows per Ray batch sent to an actor, in engine batches: the actor groups a Ray batch's rows by
 # bucket (batches_by_bucket), so a few engine batches' worth keeps most engine batches full.
@@ -80,11 +69,7 @@ DECODED = pa.schema(
 
 def ray_module() -> Any:
     """`ray`, or a clear error saying how to install it."""
-    try:
-        import ray
-    except ImportError as err:
-        raise RuntimeError(f"--ray needs Ray Data ({err}): pip install 'interactive[ray]'") from err
-    return ray
+    return optional_import("ray", "--ray needs Ray Data", "pip install 'interactive[ray]'")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -126,7 +111,7 @@ def _prepared(row: dict[str, Any]) -> PreparedImage | str:
 class ExtractFeatures:
     """A Ray Data actor: opens the engine once, turns decoded rows into output rows.
 
-    The rows it returns are the local job's (`features_table`) plus the shard and position
+    The rows it returns are the local executor's (`shard_rows`) plus the shard and position
     columns the driver needs to put them in place.
     """
 
@@ -138,16 +123,7 @@ class ExtractFeatures:
         rows = decoded.to_pylist()
         items = ((i, _prepared(row)) for i, row in enumerate(rows))
         features = self.extractor.extract_prepared(items, len(rows), self.options.batch_size)
-        paths = [row["path"] for row in rows]
-        table = features_table(
-            paths,
-            features,
-            ids=[source_id(p) for p in paths],
-            layers=self.options.layers,
-            normalize=self.options.normalize,
-            concat=self.options.concat,
-            heatmaps=self.options.heatmaps,
-        )
+        table = shard_rows([row["path"] for row in rows], features, self.options)
         return table.append_column(SHARD, decoded[SHARD]).append_column(POSITION, decoded[POSITION])
 
 
@@ -155,107 +131,82 @@ class ExtractFeatures:
 # The driver
 
 
-class _ShardWriter:
-    """Collects each shard's rows as they arrive (any order, retries too); writes it when whole."""
+class RayExecutor(Executor):
+    """The pending shards through Ray Data: decoding tasks, then `actors` extraction actors.
 
-    def __init__(self, out: Path, sizes: dict[int, int], run: dict[str, Any], report: IndexReport):
-        self.out, self.sizes, self.report = out, sizes, report
-        self.metadata = {b"interactive.run": json.dumps(run).encode()}
+    `address`: None starts a local Ray instance (unless this process already called
+    `ray.init`), "auto" joins the cluster this machine belongs to, "ray://host:10001" goes
+    through Ray Client. `gpus_per_actor` defaults to 1 when the cluster has GPUs, else 0. The
+    driver (this process) lists SOURCE and writes OUTDIR, so OUTDIR is on the driver's
+    filesystem; ENGINE and the images must be readable on every node.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        actors: int = 1,
+        backend: str = "auto",
+        gpus_per_actor: float | None = None,
+    ) -> None:
+        if actors < 1:
+            raise IndexJobError(f"--actors must be at least 1, got {actors}")
+        self.address, self.actors = address, actors
+        self.backend, self.gpus_per_actor = backend, gpus_per_actor
+
+    def run(self, work: ShardWork, shards: Iterable[Shard]) -> Results:
+        blocks, sizes = _blocks(shards, work.options)
+        if not sizes:  # nothing to do: no Ray
+            return
+        shelf = _Reassembly(sizes)
+        ray = ray_module()
+        owned = not ray.is_initialized()
+        if owned:
+            ray.init(address=self.address, logging_level=logging.WARNING)
+        try:
+            for rows in _results(ray, blocks, work, self):
+                yield from shelf.add(rows)
+        finally:
+            if owned:
+                ray.shutdown()
+        if shelf.missing:  # Ray returned without some rows: never hand back a partial shard
+            raise RuntimeError(f"Ray lost the rows of shards {shelf.missing}; rerun to resume")
+
+
+class _Reassembly:
+    """Collects each shard's rows as they arrive (any order, retries too); whole shards out."""
+
+    def __init__(self, sizes: dict[int, int]) -> None:
+        self.sizes = sizes
         self.pieces: dict[int, list[pa.Table]] = {k: [] for k in sizes}
         self.seen: dict[int, set[int]] = {k: set() for k in sizes}
 
-    def add(self, rows: pa.Table) -> None:
+    def add(self, rows: pa.Table) -> Iterator[tuple[int, pa.Table]]:
+        """The shards these rows complete, in input order, without the shard/position columns."""
         for k in pc.unique(rows[SHARD]).to_pylist():
+            if k not in self.pieces:  # whole already: a late retry's copy
+                continue
             part = rows.filter(pc.equal(rows[SHARD], k))
             fresh = [p not in self.seen[k] for p in part[POSITION].to_pylist()]
             part = part.filter(pa.array(fresh))  # a retried batch's rows already stored
             self.seen[k].update(part[POSITION].to_pylist())
             self.pieces[k].append(part)
             if len(self.seen[k]) == self.sizes[k]:
-                self._write(k)
-
-    def _write(self, k: int) -> None:
-        table = pa.concat_tables(self.pieces.pop(k)).sort_by(POSITION)
-        table = table.drop_columns([SHARD, POSITION]).combine_chunks()
-        write_table(table.replace_schema_metadata(self.metadata), self.out / shard_name(k))
-        self.report.written_shards += 1
-        self.report.processed += table.num_rows
-        self.report.add(table)
-        log.info("index: wrote %s (%d rows)", shard_name(k), table.num_rows)
+                table = pa.concat_tables(self.pieces.pop(k)).sort_by(POSITION)
+                yield k, table.drop_columns([SHARD, POSITION]).combine_chunks()
 
     @property
     def missing(self) -> list[int]:
         return sorted(self.pieces)
 
 
-def run_ray_index(
-    source: Path,
-    engine: Path,
-    out: Path,
-    options: IndexOptions,
-    *,
-    address: str | None = None,
-    actors: int = 1,
-    backend: str = "auto",
-    gpus_per_actor: float | None = None,
-    overwrite: bool = False,
-    progress: bool | None = None,
-) -> IndexReport:
-    """`run_index` on Ray: same SOURCE listing, shards, schema, manifest and resume.
-
-    `address`: None starts a local Ray instance (unless this process already called
-    `ray.init`), "auto" joins the cluster this machine belongs to, "ray://host:10001" goes
-    through Ray Client. `actors`: extraction actors; `gpus_per_actor` defaults to 1 when the
-    cluster has GPUs, else 0. The driver (this process) lists SOURCE and writes OUTDIR, so OUTDIR
-    is on the driver's filesystem; ENGINE and the images must be readable on every node.
-    """
-    if actors < 1:
-        raise IndexJobError(f"--actors must be at least 1, got {actors}")
-    with Extractor.open(engine, backend="ort") as checker:  # opens no session: checks only
-        check_layers(options, checker)
-        run = run_manifest(source, checker.manifest, options)
-    sources = limited(iter_sources(source, options.path_column), options.limit)
-    prepare_outdir(out, run, overwrite)
-    report = IndexReport()
-    started = time.perf_counter()
-    blocks, sizes = _pending(sources, out, options, report)
-    if sizes:
-        writer = _ShardWriter(out, sizes, run, report)
-        ray = ray_module()
-        owned = not ray.is_initialized()
-        if owned:
-            ray.init(address=address, logging_level=logging.WARNING)
-        try:
-            stream = _results(
-                ray, blocks, engine, options,
-                backend=backend, actors=actors, gpus_per_actor=gpus_per_actor, progress=progress,
-            )  # fmt: skip
-            for rows in stream:
-                writer.add(rows)
-        finally:
-            if owned:
-                ray.shutdown()
-        if writer.missing:  # Ray returned without some rows: never write a partial shard
-            raise RuntimeError(f"Ray lost the rows of shards {writer.missing}; rerun to resume")
-    report.seconds = time.perf_counter() - started
-    run["result"] = {**asdict(report), "by_bucket": dict(report.by_bucket)}
-    write_json(out / RUN_MANIFEST, run)
-    return report
-
-
-def _pending(
-    sources: Iterator[str], out: Path, options: IndexOptions, report: IndexReport
+def _blocks(
+    shards: Iterable[Shard], options: IndexOptions
 ) -> tuple[list[pa.Table], dict[int, int]]:
-    """Blocks of (shard, position, path) rows still to do, and each pending shard's size."""
+    """Blocks of (shard, position, path) rows to send, and each pending shard's size."""
     block_rows = options.batch_size * ENGINE_BATCHES_PER_RAY_BATCH
     blocks: list[pa.Table] = []
     sizes: dict[int, int] = {}
-    for k, paths in enumerate(chunks(sources, options.shard_size)):
-        target = out / shard_name(k)
-        if target.exists():
-            report.skipped_shards += 1
-            report.add(pq.read_table(target, columns=["status", "bucket"]))
-            continue
+    for k, paths in shards:
         sizes[k] = len(paths)
         for start in range(0, len(paths), block_rows):
             chunk = paths[start : start + block_rows]
@@ -265,21 +216,15 @@ def _pending(
 
 
 def _results(
-    ray: Any,
-    blocks: list[pa.Table],
-    engine: Path,
-    options: IndexOptions,
-    *,
-    backend: str,
-    actors: int,
-    gpus_per_actor: float | None,
-    progress: bool | None,
+    ray: Any, blocks: list[pa.Table], work: ShardWork, executor: RayExecutor
 ) -> Iterator[pa.Table]:
-    """The output rows (features_table's columns + shard and position), in arrival order."""
+    """The output rows (shard_rows' columns + shard and position), in arrival order."""
+    engine, options, actors = work.engine, work.options, executor.actors
     context = ray.data.DataContext.get_current()
-    if progress is not None:
-        context.enable_progress_bars = progress
+    if work.progress is not None:
+        context.enable_progress_bars = work.progress
     resources = ray.cluster_resources()
+    gpus_per_actor = executor.gpus_per_actor
     if gpus_per_actor is None:
         gpus_per_actor = 1.0 if resources.get("GPU", 0) >= 1 else 0.0
     cpus = resources.get("CPU", 0)
@@ -304,13 +249,13 @@ def _results(
         ExtractFeatures,
         fn_constructor_kwargs={
             "engine": str(engine),
-            "backend": backend,
+            "backend": executor.backend,
             "options": asdict(options),
         },
         batch_format="pyarrow",
         batch_size=options.batch_size * ENGINE_BATCHES_PER_RAY_BATCH,
         # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1 by default: a
-        # killed actor is restarted and its batches are retried (the writer drops duplicates).
+        # killed actor is restarted and its batches are retried (_Reassembly drops duplicates).
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=gpus_per_actor,
     )

@@ -18,6 +18,7 @@ from PIL import Image
 
 from interactive.runtime import Extractor
 from interactive.runtime.index import IndexJobError, IndexOptions, iter_sources, run_index
+from interactive.runtime.index_local import LocalExecutor
 from interactive.runtime.parquet import layer_matrix, shrink_heatmap
 
 import imagegen
@@ -25,6 +26,7 @@ from conftest import photos
 
 # Aspect ratios that land in the narrow engine's buckets (area 256): 256x256, 288x224, 224x288.
 RATIOS = [(1, 1), (4, 3), (3, 4), (13, 10)]
+INLINE = LocalExecutor(workers=0)  # decoding in the test's process
 
 
 def make_collection(root: Path, n: int) -> list[Path]:
@@ -67,7 +69,8 @@ def collection(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_index_equals_the_api(narrow_engine: Path, collection: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     options = IndexOptions(batch_size=4, shard_size=7)
-    report = run_index(collection, narrow_engine, out, options, workers=2, progress=False)
+    executor = LocalExecutor(workers=2)
+    report = run_index(collection, narrow_engine, out, options, executor, progress=False)
     paths = list(iter_sources(collection))
     assert report.images == len(paths) == 172 and report.written_shards == 25
     table = read_output(out).sort_by("path")
@@ -99,7 +102,7 @@ def test_layers_concat_and_sources(narrow_engine: Path, collection: Path, tmp_pa
     assert list(iter_sources(tmp_path / "list.parquet", "file")) == paths
     assert list(iter_sources(tmp_path / "list.csv")) == paths
     options = IndexOptions(layers=["pool-2", "fc-6"], normalize="l2", concat=True)
-    run_index(listing, narrow_engine, tmp_path / "o", options, workers=0, progress=True)
+    run_index(listing, narrow_engine, tmp_path / "o", options, INLINE, progress=True)
     table = read_output(tmp_path / "o")
     assert "features" in table.column_names and "pool-1" not in table.column_names
     matrix = layer_matrix(table, "features")
@@ -114,19 +117,19 @@ def test_other_options_are_refused_unless_overwrite(
 ) -> None:
     out = tmp_path / "out"
     first = IndexOptions(shard_size=50, limit=5)
-    run_index(collection, narrow_engine, out, first, workers=0, progress=False)
-    again = run_index(collection, narrow_engine, out, first, workers=0, progress=False)
+    run_index(collection, narrow_engine, out, first, INLINE, progress=False)
+    again = run_index(collection, narrow_engine, out, first, INLINE, progress=False)
     assert again.written_shards == 0 and again.skipped_shards == 1
     other = IndexOptions(shard_size=50, limit=5, normalize="l2")
     with pytest.raises(IndexJobError, match="another job"):
-        run_index(collection, narrow_engine, out, other, workers=0, progress=False)
-    report = run_index(collection, narrow_engine, out, other, workers=0, overwrite=True)
+        run_index(collection, narrow_engine, out, other, INLINE, progress=False)
+    report = run_index(collection, narrow_engine, out, other, INLINE, overwrite=True)
     assert report.written_shards == 1
 
 
 def test_job_errors_come_before_any_work(narrow_engine: Path, tmp_path: Path) -> None:
     with pytest.raises(IndexJobError, match="does not exist"):
-        run_index(tmp_path / "nowhere", narrow_engine, tmp_path / "o1", IndexOptions(), workers=0)
+        run_index(tmp_path / "nowhere", narrow_engine, tmp_path / "o1", IndexOptions(), INLINE)
     assert not (tmp_path / "o1").exists()
     pq.write_table(pa.table({"file": ["a.jpg"]}), tmp_path / "list.parquet")
     with pytest.raises(IndexJobError, match="no column 'path'"):
@@ -134,9 +137,9 @@ def test_job_errors_come_before_any_work(narrow_engine: Path, tmp_path: Path) ->
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(IndexJobError, match="cannot write"):
-        run_index(tmp_path, narrow_engine, blocker / "out", IndexOptions(), workers=0)
+        run_index(tmp_path, narrow_engine, blocker / "out", IndexOptions(), INLINE)
     with pytest.raises(IndexJobError, match="not in this engine"):
-        run_index(tmp_path, narrow_engine, tmp_path / "o", IndexOptions(layers=["x"]), workers=0)
+        run_index(tmp_path, narrow_engine, tmp_path / "o", IndexOptions(layers=["x"]), INLINE)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -205,7 +208,7 @@ def test_resume_after_sigkill_is_exactly_once(
 def test_small_heatmaps(narrow_engine: Path, tmp_path: Path) -> None:
     paths = [str(p) for p in photos()]
     options = IndexOptions(layers=["pool-1", "fc-6"], heatmaps=True)
-    run_index(listing_of(tmp_path, paths), narrow_engine, tmp_path / "o", options, workers=0)
+    run_index(listing_of(tmp_path, paths), narrow_engine, tmp_path / "o", options, INLINE)
     table = read_output(tmp_path / "o")
     with Extractor.open(narrow_engine) as ex:
         want = ex.extract(paths)

@@ -23,8 +23,9 @@ from test_index import make_collection, read_output
 
 from interactive.runtime.cli import EXIT_PARTIAL, main
 from interactive.runtime.index import IndexJobError, IndexOptions, run_index
+from interactive.runtime.index_local import LocalExecutor
 from interactive.runtime.parquet import layer_matrix
-from interactive.runtime.ray_index import run_ray_index
+from interactive.runtime.ray_index import RayExecutor
 
 ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")  # a dependency of ray
@@ -57,7 +58,8 @@ def collection(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def local_output(narrow_engine: Path, collection: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("local") / "out"
-    run_index(collection, narrow_engine, out, IndexOptions(**OPTIONS), workers=0, progress=False)
+    options = IndexOptions(**OPTIONS)
+    run_index(collection, narrow_engine, out, options, LocalExecutor(workers=0), progress=False)
     return out
 
 
@@ -107,13 +109,14 @@ def test_ray_job_equals_the_local_job_and_resumes(
     assert ray_run == local_run
 
     written = {p: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
-    again = run_ray_index(collection, narrow_engine, out, IndexOptions(**OPTIONS), progress=False)
+    options = IndexOptions(**OPTIONS)
+    again = run_index(collection, narrow_engine, out, options, RayExecutor(), progress=False)
     assert (again.written_shards, again.skipped_shards, again.images) == (0, 4, 36)
     assert {p: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")} == written
 
     for name in shards[1:3]:  # as if the job had died before these two: they are redone
         (out / name).unlink()
-    resumed = run_ray_index(collection, narrow_engine, out, IndexOptions(**OPTIONS))
+    resumed = run_index(collection, narrow_engine, out, options, RayExecutor())
     assert (resumed.written_shards, resumed.processed, resumed.images) == (2, 20, 36)
     assert_same_rows(read_output(out), read_output(local_output))
 
@@ -149,7 +152,8 @@ def test_a_killed_actor_leaves_every_input_exactly_once(
 
     killer = threading.Thread(target=kill_the_actor_mid_job)
     killer.start()
-    report = run_ray_index(collection, narrow_engine, out, options, actors=1, progress=False)
+    executor = RayExecutor(actors=1)
+    report = run_index(collection, narrow_engine, out, options, executor, progress=False)
     killer.join()
     assert len(killed) == 1 and killed[0][2] < 6, f"the kill must land mid-job: {killed}"
     assert "decode_block" not in killed[0][1], "decoding must run in CPU tasks, not in actors"
@@ -164,13 +168,14 @@ def test_actors_must_leave_a_cpu_for_decoding(
     ray_local: None, narrow_engine: Path, collection: Path, tmp_path: Path
 ) -> None:
     with pytest.raises(IndexJobError, match="leave none for decoding; use at most 1"):
-        run_ray_index(collection, narrow_engine, tmp_path / "o", IndexOptions(), actors=2)
+        run_index(collection, narrow_engine, tmp_path / "o", IndexOptions(), RayExecutor(actors=2))
 
 
 def test_only_the_ray_path_imports_ray() -> None:
     code = (
         "import sys, interactive.runtime.cli, interactive.runtime.index, "
-        "interactive.runtime.ray_index; print('ray' in sys.modules)"
+        "interactive.runtime.index_local, interactive.runtime.ray_index; "
+        "print('ray' in sys.modules)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "False", result.stderr

@@ -1,0 +1,174 @@
+"""The local executor of `interactive index`: decoding processes on this machine, one engine.
+
+Decoding and resizing run in worker processes that feed a bucket-aware batcher
+(`Extractor.extract_prepared`); a bounded window of images in flight keeps memory flat whatever
+the collection size. The job (runtime/index.py) plans, resumes and writes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Any
+
+from .api import Extractor
+from .images import PreparedImage
+from .index import Executor, Progress, Results, Shard, ShardWork, prepare_or_error, shard_rows
+from .manifest import EngineManifest
+
+
+class LocalExecutor(Executor):
+    """`workers` decoding processes (0: decode in this process) feeding one `backend`."""
+
+    def __init__(self, workers: int = 1, backend: str = "auto") -> None:
+        self.workers, self.backend = workers, backend
+
+    def progress(self, enabled: bool | None, count: Callable[[], int]) -> Progress:
+        return LiveProgress(enabled, count)
+
+    def run(self, work: ShardWork, shards: Iterable[Shard]) -> Results:
+        options = work.options
+        window = max(2 * options.batch_size, 4 * max(self.workers, 1))
+        with Extractor.open(work.engine, backend=self.backend) as extractor:
+            pool = self._pool(work.engine) if self.workers > 0 else None
+            try:
+                for k, paths in shards:
+                    stream = _prepared_stream(paths, pool, window, work.manifest)
+                    items = work.bar.track(stream)
+                    features = extractor.extract_prepared(items, len(paths), options.batch_size)
+                    yield k, shard_rows(paths, features, options)
+            finally:
+                if pool is not None:
+                    pool.shutdown(cancel_futures=True)
+
+    def _pool(self, engine: os.PathLike[str]) -> ProcessPoolExecutor:
+        # fork on Linux (the default there up to Python 3.13; 3.14 moves to forkserver), so that
+        # a worker's parent is this job, which _die_with_the_job relies on.
+        context = multiprocessing.get_context("fork") if sys.platform == "linux" else None
+        return ProcessPoolExecutor(
+            self.workers,
+            mp_context=context,
+            initializer=_init_worker,
+            initargs=(str(engine), os.getpid()),
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Decoding in worker processes
+
+
+_worker_manifest: EngineManifest | None = None
+
+
+def _init_worker(engine: str, job_pid: int) -> None:
+    global _worker_manifest
+    _die_with_the_job(job_pid)
+    _worker_manifest = EngineManifest.load(engine)
+
+
+def _die_with_the_job(job_pid: int) -> None:
+    """Linux: the kernel kills this worker when the job's process dies, even by `kill -9`.
+
+    Without it a forked worker outlives a killed job, blocked for ever on a queue whose other end
+    it inherited. Elsewhere (no prctl) a no-op.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != job_pid:  # the job died before prctl took effect
+        os._exit(1)
+
+
+def _prepare(path: str) -> PreparedImage | str:
+    assert _worker_manifest is not None, "_init_worker runs first in every worker"
+    return prepare_or_error(path, _worker_manifest)
+
+
+def _prepared_stream(
+    paths: list[str], pool: ProcessPoolExecutor | None, window: int, manifest: EngineManifest
+) -> Iterator[tuple[int, PreparedImage | str]]:
+    """(position, prepared image or error) in input order, at most `window` images in flight."""
+    if pool is None:
+        for i, path in enumerate(paths):
+            yield i, prepare_or_error(path, manifest)
+        return
+    pending: deque[tuple[int, Future]] = deque()
+    for i, path in enumerate(paths):
+        pending.append((i, pool.submit(_prepare, path)))
+        if len(pending) >= window:
+            j, future = pending.popleft()
+            yield j, future.result()
+    while pending:
+        j, future = pending.popleft()
+        yield j, future.result()
+
+
+# ------------------------------------------------------------------------------------------------
+# Progress
+
+
+class LiveProgress(Progress):
+    """A tqdm bar on a terminal, a log line every 10 s otherwise."""
+
+    def __init__(self, enabled: bool | None, count: Callable[[], int]) -> None:
+        interactive = sys.stderr.isatty() if enabled is None else enabled
+        self.bar: Any = None
+        if interactive:
+            from tqdm import tqdm
+
+            self.bar = tqdm(unit="img", dynamic_ncols=True, smoothing=0.1)
+            # The total (for the ETA) comes from a second, streaming pass over SOURCE in the
+            # background, so that a million-file tree starts at once.
+            threading.Thread(target=self._set_total, args=(count,), daemon=True).start()
+        self.done = self.errors = 0
+        self.started = self.last = time.perf_counter()
+
+    def _set_total(self, count: Callable[[], int]) -> None:
+        try:
+            self.bar.total = count()
+            self.bar.refresh()
+        except Exception:  # the ETA is a nicety; the job must not depend on it
+            pass
+
+    def skip(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def track(
+        self, stream: Iterator[tuple[int, PreparedImage | str]]
+    ) -> Iterator[tuple[int, PreparedImage | str]]:
+        for item in stream:
+            self.done += 1
+            self.errors += isinstance(item[1], str)
+            self._show()
+            yield item
+
+    def _show(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(errors=self.errors, refresh=False)
+            return
+        now = time.perf_counter()
+        if now - self.last >= 10:  # plain lines for logs and pipes, whatever the log level
+            rate = self.done / (now - self.started)
+            print(
+                f"index: {self.done} images decoded, {self.errors} errors, {rate:.1f} images/s",
+                file=sys.stderr,
+                flush=True,
+            )
+            self.last = now
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

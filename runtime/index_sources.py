@@ -1,0 +1,83 @@
+"""What `interactive index` reads: the image paths of SOURCE, streamed in a stable order.
+
+SOURCE is a directory tree (image files by suffix, walked in sorted order), a Parquet or CSV file
+with a path column, or a text file of paths (one a line; blank lines and `#` comments skipped).
+To read another format, add a reader yielding paths in a stable order and dispatch to it in
+`iter_sources`; the job (runtime/index.py) cuts whatever it yields into shards.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"})
+
+
+class IndexJobError(ValueError):
+    """A problem with the job itself (source, output directory, options), found before any work."""
+
+
+def iter_sources(source: Path, path_column: str = "path") -> Iterator[str]:
+    """Image paths of SOURCE in a stable order, streamed (never all listed in memory).
+
+    Problems with SOURCE itself (missing, no such column) raise here, before any work starts.
+    """
+    suffix = source.suffix.lower()
+    if source.is_dir():
+        return _walk_images(source)
+    if not source.is_file():
+        raise IndexJobError(f"SOURCE {str(source)!r} does not exist")
+    if suffix in (".parquet", ".csv"):
+        columns = _table_columns(source)
+        if path_column not in columns:
+            raise IndexJobError(f"{source}: no column {path_column!r} (columns: {columns})")
+        return (
+            _parquet_paths(source, path_column)
+            if suffix == ".parquet"
+            else _csv_paths(source, path_column)
+        )
+    return _text_paths(source)
+
+
+def _walk_images(root: Path) -> Iterator[str]:
+    for directory, subdirs, files in os.walk(root):
+        subdirs.sort()
+        for name in sorted(files):
+            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                yield os.path.join(directory, name)
+
+
+def _table_columns(source: Path) -> list[str]:
+    if source.suffix.lower() == ".parquet":
+        return list(pq.ParquetFile(source).schema_arrow.names)
+    with open(source, newline="", encoding="utf-8") as f:
+        return next(csv.reader(f), [])
+
+
+def _parquet_paths(source: Path, column: str) -> Iterator[str]:
+    for batch in pq.ParquetFile(source).iter_batches(columns=[column], batch_size=4096):
+        yield from (str(p) for p in batch.column(0).to_pylist())
+
+
+def _csv_paths(source: Path, column: str) -> Iterator[str]:
+    with open(source, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            yield row[column]
+
+
+def _text_paths(source: Path) -> Iterator[str]:
+    with open(source, encoding="utf-8") as f:
+        for line in f:
+            if line.strip() and not line.startswith("#"):
+                yield line.rstrip("\n")
+
+
+def limited(sources: Iterator[str], limit: int | None) -> Iterator[str]:
+    """The first `limit` sources (all when None)."""
+    return sources if limit is None else islice(sources, limit)
