@@ -151,6 +151,11 @@ class Executor(ABC):
         """The progress display for one run (`count()` lists SOURCE again, for a total)."""
         return Progress()
 
+    def check(self, manifest: EngineManifest) -> None:
+        """Raise, before OUTDIR is touched, when this executor cannot run `manifest`'s engine
+        (e.g. a backend asked for by name that cannot run here). This one accepts any."""
+        return None
+
 
 def prepare_or_error(path: str, manifest: EngineManifest) -> PreparedImage | str:
     """The image at its bucket size, or why it cannot be read (any failure is the input's)."""
@@ -197,6 +202,7 @@ def run_index(
         executor = LocalExecutor()
     manifest = EngineManifest.load(engine)
     check_options(options, manifest)
+    executor.check(manifest)
     sources = limited(iter_sources(source, options.path_column), options.limit)
     run = run_manifest(source, manifest, options)
     prepare_outdir(out, run, overwrite)

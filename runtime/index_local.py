@@ -20,9 +20,10 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
 
 from .api import Extractor
+from .backends import backend_status
 from .images import PreparedImage
 from .index import Executor, Progress, Results, Shard, ShardWork, prepare_or_error, shard_rows
-from .manifest import EngineManifest
+from .manifest import EngineError, EngineManifest
 
 
 class LocalExecutor(Executor):
@@ -33,6 +34,14 @@ class LocalExecutor(Executor):
 
     def progress(self, enabled: bool | None, count: Callable[[], int]) -> Progress:
         return LiveProgress(enabled, count)
+
+    def check(self, manifest: EngineManifest) -> None:
+        """The backend runs here (`auto` always does: it falls back to ONNX Runtime's CPU)."""
+        if self.backend == "auto":
+            return
+        reason = backend_status(self.backend, manifest)
+        if reason is not None:
+            raise EngineError(f"backend {self.backend!r} cannot run here: {reason}")
 
     def run(self, work: ShardWork, shards: Iterable[Shard]) -> Results:
         options = work.options

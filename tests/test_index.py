@@ -19,6 +19,7 @@ from PIL import Image
 from interactive.runtime import Extractor
 from interactive.runtime.index import IndexJobError, IndexOptions, iter_sources, run_index
 from interactive.runtime.index_local import LocalExecutor
+from interactive.runtime.manifest import EngineError
 from interactive.runtime.parquet import layer_matrix, shrink_heatmap
 
 import imagegen
@@ -140,6 +141,11 @@ def test_job_errors_come_before_any_work(narrow_engine: Path, tmp_path: Path) ->
         run_index(tmp_path, narrow_engine, blocker / "out", IndexOptions(), INLINE)
     with pytest.raises(IndexJobError, match="not in this engine"):
         run_index(tmp_path, narrow_engine, tmp_path / "o", IndexOptions(layers=["x"]), INLINE)
+    # A backend that cannot run here (no TensorRT in CI), refused before OUTDIR exists.
+    with pytest.raises(EngineError, match="backend 'tensorrt' cannot run here"):
+        executor = LocalExecutor(workers=0, backend="tensorrt")
+        run_index(tmp_path, narrow_engine, tmp_path / "o2", IndexOptions(), executor)
+    assert not (tmp_path / "o2").exists()
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
