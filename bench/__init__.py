@@ -1,1 +1,1 @@
-"""Benchmarks: `interactive bench` and the scripts whose results fill bench/RESULTS.md."""
+"""Benchmarks: `interactive bench` (bench/harness.py); its recorded results: bench/RESULTS.md."""

@@ -1,4 +1,4 @@
-"""FLOPs per image (ALGORITHM.md section 7), computed from the spec's unit table.
+"""FLOPs per image (export/ALGORITHM.md section 7), computed from the spec's unit table.
 
 Forward: every conv/fc unit up to the deepest unit the features need. Backward: one transposed
 convolution per conv/fc unit the gradient must cross on its way down from a top unit T to the

@@ -35,12 +35,22 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import tomllib
+
 ROOT = Path(__file__).resolve().parent.parent
-# The package's folders (pyproject's package-dir): linked under one `interactive` folder.
-PACKAGE_DIRS = {"export": "export", "runtime": "runtime", "engines": "engines", "bench": "bench"}
+
+
+def package_dirs() -> dict[str, str]:
+    """Subpackage -> folder, from pyproject's package-dir ("interactive.export" = "export")."""
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        mapping = tomllib.load(f)["tool"]["setuptools"]["package-dir"]
+    return {package.removeprefix("interactive."): folder for package, folder in mapping.items()}
+
+
 TEST_FILES = ["tests/test_conformance.py", "tests/test_tensorrt.py", "tests/test_ort_gpu.py"]
 BENCH_BACKENDS = "ort-cuda,torch,tensorrt"
-# fp16, not bf16: fp16 conforms to ALGORITHM.md's tolerance, bf16 does not (README, torch backend).
+# fp16, not bf16: fp16 conforms to export/ALGORITHM.md's tolerance, bf16 does not (README,
+# torch backend).
 BENCH_PRECISIONS = ("fp32", "fp16")
 BUCKET = "512x512"
 TAIL = 6000  # characters of each step's output kept in the results
@@ -144,7 +154,7 @@ class GpuCheck:
         shim = self.work / "shim"
         package = shim / "interactive"
         package.mkdir(parents=True)
-        for name, folder in PACKAGE_DIRS.items():
+        for name, folder in package_dirs().items():  # linked under one `interactive` folder
             (package / name).symlink_to(ROOT / folder, target_is_directory=True)
         self._prepend_path(shim)
 

@@ -57,7 +57,11 @@ def precision_scope(device: str, precision: str) -> Iterator[None]:
 def make_peer(
     name: str, spec: FeatureSpec, sd: dict[str, torch.Tensor], device: str, precision: str
 ) -> PeerFn:
-    """A callable computing peer `name`'s features for one uint8 [N, H, W, 3] batch."""
+    """A callable computing peer `name`'s outputs for one uint8 [N, H, W, 3] batch: the
+    reference computes what the engine of `spec` outputs (heatmaps too if it has them), naive
+    and captum the features only, torch-forward the ORIG features."""
+    if name in ("naive", "captum"):  # no heatmaps: neither computes gamma-hat maps
+        spec = replace(spec, heatmaps=False)
     sd = {k: v.to(device) for k, v in sd.items()}
     net = _Network(spec, sd) if name == "captum" else None  # built once, outside the timing
     compute: dict[str, Callable[[torch.Tensor], dict[str, torch.Tensor]]] = {
@@ -85,7 +89,7 @@ def forward_spec(spec: FeatureSpec) -> FeatureSpec:
 
 
 def activeness_feature(x_t: torch.Tensor, g: torch.Tensor, u: Unit) -> torch.Tensor:
-    """ALGORITHM.md section 5: mean over space of X_t * gamma_t.
+    """export/ALGORITHM.md section 5: mean over space of X_t * gamma_t.
 
     `g` is dlnf/dX_t when the next unit `u` is a pool (switch * |dlnf/dX_u| = |dlnf/dX_t|), and
     g_u = dlnf/dz_u when it is a conv or fc unit.

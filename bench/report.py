@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from interactive.bench.judge import conformance_text
 from interactive.runtime.buckets import format_size
 
 PEER_LABELS = {
@@ -54,8 +55,8 @@ def markdown(run: dict[str, Any], json_path: Path | None = None) -> str:
         "",
         "| mode | case | bucket | batch | prec | ms/image p50 | ms/batch p50 / p90 / p99 / max "
         "| images/s | GFLOP/s | of matmul | vs reference | vs torch fwd | bwd eff. "
-        "| peak RSS MB | load s | first call s |",
-        "|" + "---|" * 16,
+        "| conformance | peak RSS MB | load s | first call s |",
+        "|" + "---|" * 17,
     ]
     shown = set()
     for case in run["cases"]:
@@ -65,8 +66,26 @@ def markdown(run: dict[str, Any], json_path: Path | None = None) -> str:
             continue
         shown.add(key)
         lines.append(_row(case))
-    lines += ["", *_cost_lines(run), *_target_lines(run), *_profile_lines(run)]
+    lines += ["", *_conformance_lines(run), *_cost_lines(run), *_target_lines(run)]
+    lines += _profile_lines(run)
     return "\n".join(lines) + "\n"
+
+
+def _conformance_lines(run: dict[str, Any]) -> list[str]:
+    lines = [
+        "Conformance: each case's last outputs against the fp32 reference peer case of the same "
+        "inputs in this run (`reference` for InterActive outputs, `torch-forward` for "
+        "forward-only ones), judged by interactive.runtime.conformance at the case's precision "
+        "(export/ALGORITHM.md section 6); the figure is the worst relative L2 error over its "
+        'outputs. "not judged": the run has no such reference case.',
+        "",
+    ]
+    for case in run["cases"]:
+        verdict = case.get("conformance", {})
+        if verdict.get("ok") is False:
+            lines.append(f"- {label(case)} {case['mode']} {bucket_text(case)} batch "
+                         f"{case['batch']} {case['precision']}: {verdict['summary']}")  # fmt: skip
+    return lines if lines[-1] == "" else [*lines, ""]
 
 
 def _row(case: dict[str, Any]) -> str:
@@ -75,7 +94,7 @@ def _row(case: dict[str, Any]) -> str:
         f"| {case['precision']} "
     )
     if case.get("status") != "ok":
-        return head + f"| {case.get('status', '?')}: {case.get('reason', '')} |" + " |" * 10
+        return head + f"| {case.get('status', '?')}: {case.get('reason', '')} |" + " |" * 11
     st = case["stats"]
     b = st["batch_s"]
     batch_ms = " / ".join(f"{b[k] * 1000:.0f}" for k in ("p50", "p90", "p99", "max"))
@@ -84,7 +103,7 @@ def _row(case: dict[str, Any]) -> str:
         f"| {st['image_s']['p50'] * 1000:.1f} | {batch_ms} | {st['images_per_s']:.3g} "
         f"| {st['gflops']:.1f} | {_num(fraction and fraction * 100, '.0f')}% "
         f"| {_ratio(case, 'vs_reference')} | {_ratio(case, 'vs_torch_forward')} "
-        f"| {_num(case['ratios'].get('backward_efficiency'), '.2f')} "
+        f"| {_num(case['ratios'].get('backward_efficiency'), '.2f')} | {conformance_text(case)} "
         f"| {case['peak_rss_mb']:.0f} | {case['load_s']:.2f} | {case['first_call_s']:.2f} |"
     )
 
@@ -97,7 +116,7 @@ def _cost_lines(run: dict[str, Any]) -> list[str]:
             f"{bucket}: {i['forward_gmac']:.1f} GMAC forward + {i['backward_gmac']:.1f} backward "
             f"= {i['gflop']:.1f} GFLOP (forward-only ORIG {f['gflop']:.1f} GFLOP)"
         )
-    return ["Cost model per image (ALGORITHM.md section 7): " + "; ".join(parts) + ".", ""]
+    return ["Cost model per image (export/ALGORITHM.md section 7): " + "; ".join(parts) + ".", ""]
 
 
 def _target_lines(run: dict[str, Any]) -> list[str]:

@@ -129,6 +129,20 @@ def decoded_batch(case: dict[str, Any]) -> np.ndarray:
     return np.stack(pixels)
 
 
+def output_arrays(outputs: Any) -> dict[str, np.ndarray]:
+    """A call's outputs by output name: a backend's or peer's dict as it is, the e2e mode's
+    Features as its layers plus each layer's heatmaps stacked (named as the engine names them)."""
+    from interactive.runtime.api import Features
+    from interactive.runtime.manifest import heatmap_name
+
+    if not isinstance(outputs, Features):
+        return dict(outputs)
+    arrays = dict(outputs.layers)
+    for layer, maps in outputs.heatmaps.items():
+        arrays[heatmap_name(layer)] = np.stack([m for m in maps if m is not None])
+    return arrays
+
+
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
     torch_based = case["kind"] == "peer" or case.get("backend", "").startswith("torch")
     gpu = GpuMemory(case["device"], torch_based)
@@ -144,10 +158,13 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     samples = []
     for _ in range(case["reps"]):
         started = time.perf_counter()
-        call()
+        outputs = call()
         samples.append(time.perf_counter() - started)
         gpu.sample()
     close()
+    if case.get("outputs_file"):  # the last call's outputs, for the conformance verdict
+        arrays: dict[str, Any] = output_arrays(outputs)
+        np.savez(case["outputs_file"], **arrays)
     return {
         "status": "ok",
         "load_s": load_s,

@@ -1,9 +1,10 @@
 """`interactive bench`: smoke runs of both modes on the narrow engine (one bucket, two reps).
 
 They check the run's JSON (keys, types, sample counts, ordered percentiles), that every ratio is
-the one its own run's samples give, that a backend absent here is reported skipped with its
-reason, --compare, the plots, and that the cost model and the torch peers are right.
-Timings themselves are never asserted.
+the one its own run's samples give, that every case's outputs are judged against the run's own
+reference case, that a backend absent here is reported skipped with its reason, that a failed
+case fails the run, --compare, the plots, the generated e2e photos, and that the cost model and
+the torch peers are right. Timings themselves are never asserted.
 """
 
 from __future__ import annotations
@@ -18,14 +19,17 @@ import numpy as np
 import pytest
 import torch
 
+from interactive.bench import photos
 from interactive.bench.cost import cost_per_image
+from interactive.bench.harness import exit_status
 from interactive.bench.harness import main as bench_main
+from interactive.bench.judge import add_conformance
 from interactive.bench.peers import PEERS, forward_spec, make_peer
 from interactive.bench.profile import aggregate_trace
 from interactive.export.reference import reference_features
 from interactive.export.spec import FeatureSpec
 from interactive.runtime.cli import main as cli_main
-from interactive.runtime.manifest import EngineError
+from interactive.runtime.manifest import EngineError, heatmap_name
 
 from conftest import NARROW, assert_close
 
@@ -146,6 +150,91 @@ def test_e2e_mode(e2e_run: dict[str, Any]) -> None:
     assert "plots" not in e2e_run
 
 
+def test_conformance_is_judged_against_the_runs_reference(
+    engine_run: dict[str, Any], e2e_run: dict[str, Any]
+) -> None:
+    ref, floor = find(engine_run, "reference"), find(engine_run, "torch-forward", "forward")
+    assert ref["conformance"] == {"ok": None, "verdict": "reference"}
+    assert floor["conformance"]["verdict"] == "reference"
+    ort, twin = find(engine_run, "ort"), find(engine_run, "ort", "forward")
+    assert ort["conformance"]["ok"] is True and ort["conformance"]["against"] == ref["id"]
+    assert twin["conformance"]["ok"] is True and twin["conformance"]["against"] == floor["id"]
+    names = set(ort["conformance"]["errors"])
+    assert {heatmap_name("pool-3"), "pool-3"} <= names  # every output, heatmaps included
+    assert 0 <= ort["conformance"]["worst_feature_error"] < 1e-3
+    assert "conformance" not in find(engine_run, "tensorrt")  # skipped: nothing to judge
+    e2e_ort, e2e_ref = find(e2e_run, "ort"), find(e2e_run, "reference")
+    assert e2e_ort["conformance"]["ok"] is True
+    assert e2e_ort["conformance"]["against"] == e2e_ref["id"]
+    results = (Path(engine_run["plots"][0]).parent / "results.md").read_text()
+    assert "| conformance |" in results and "| ok " in results and "| reference |" in results
+
+
+def fake_case(tmp_path: Path, i: int, kind: str, name: str, outputs: dict[str, Any]) -> dict:
+    path = tmp_path / f"case-{i}.npz"
+    np.savez(path, **outputs)
+    key = "peer" if kind == "peer" else "backend"
+    return {"id": i, "kind": kind, key: name, "target": name, "variant": "interactive",
+            "mode": "engine", "bucket": [64, 64], "batch": 2, "device": "cpu",
+            "precision": "fp32", "status": "ok", "outputs_file": str(path)}  # fmt: skip
+
+
+def test_conformance_verdicts(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    want = {"pool-3": rng.random((2, 8), dtype=np.float32)}
+    want[heatmap_name("pool-3")] = rng.random((2, 4, 4), dtype=np.float32)
+    off = {k: v * 1.1 for k, v in want.items()}
+    features = {"pool-3": want["pool-3"]}
+    run = {"cases": [
+        fake_case(tmp_path, 0, "backend", "ort", dict(want)),
+        fake_case(tmp_path, 1, "backend", "torch", off),
+        fake_case(tmp_path, 2, "peer", "reference", want),
+        fake_case(tmp_path, 3, "peer", "naive", features),  # no heatmaps: judged on features
+        fake_case(tmp_path, 4, "backend", "ort", features),  # a backend lacking an output
+    ]}  # fmt: skip
+    run["cases"][4]["bucket"] = [32, 32]  # ... in a group without a reference
+    add_conformance(run)
+    verdicts = [c["conformance"] for c in run["cases"]]
+    assert verdicts[0]["ok"] is True and verdicts[0]["worst_error"] == 0.0
+    assert verdicts[1]["ok"] is False and "beyond tolerance" in verdicts[1]["summary"]
+    assert verdicts[2]["verdict"] == "reference"
+    assert verdicts[3]["ok"] is True and set(verdicts[3]["errors"]) == {"pool-3"}
+    assert verdicts[4]["ok"] is None and verdicts[4]["verdict"] == "not judged"
+    run["matmul"] = {"kind": "matmul", "status": "ok"}
+    assert exit_status(run) == 1  # the torch case is beyond tolerance
+    run["cases"][1]["conformance"]["ok"] = True
+    assert exit_status(run) == 0
+    run["cases"][3]["conformance"]["ok"] = False  # a peer's verdict does not gate the run
+    assert exit_status(run) == 0
+    run["cases"][4]["bucket"] = [64, 64]  # now judged: the backend lacks the heatmap output
+    add_conformance(run)
+    assert run["cases"][4]["conformance"]["ok"] is False
+    assert "missing" in run["cases"][4]["conformance"]["summary"]
+
+
+def test_a_failed_case_fails_the_run(narrow_engine: Path, tmp_path: Path) -> None:
+    argv = ["--engine", str(narrow_engine), "--buckets", BUCKET, "--out", str(tmp_path)]
+    argv += ["--backends", "ort", "--peers", "reference", "--no-plots", "--timeout", "0.01"]
+    assert bench_main(argv) == 1
+    (json_file,) = tmp_path.glob("bench-*.json")
+    run = json.loads(json_file.read_text())
+    assert {c["status"] for c in run["cases"]} == {"failed"}
+    assert all("timed out" in c["reason"] for c in run["cases"])
+
+
+def test_generated_photos(tmp_path: Path) -> None:
+    a, b = photos.photo(96, 64, seed=3), photos.photo(96, 64, seed=3)
+    pixels = np.asarray(a)
+    assert a.size == (96, 64) and np.array_equal(pixels, np.asarray(b))
+    assert pixels.std() > 20  # textured, not flat
+    assert not np.array_equal(pixels, np.asarray(photos.photo(96, 64, seed=4)))
+    assert photos.main([str(tmp_path), "--images", "4"]) == 0
+    written = sorted(tmp_path.glob("photo*.jpg"))
+    assert len(written) == 4
+    files = photos.bucket_inputs(tmp_path / "e2e", [[64, 48]], 2, seed=0)
+    assert list(files) == ["64x48"] and len(files["64x48"]) == 2
+
+
 def test_compare(engine_run: dict[str, Any], e2e_run: dict[str, Any], tmp_path: Path,
                  capsys: pytest.CaptureFixture) -> None:  # fmt: skip
     a, b = tmp_path / "a.json", tmp_path / "b.json"
@@ -200,6 +289,17 @@ def test_peers_match_the_reference(peer: str, narrow_state_dict: dict[str, torch
     got = make_peer(peer, spec, narrow_state_dict, "cpu", "fp32")(images)
     assert set(got) == set(spec.layers)
     assert_close(got, want)
+
+
+def test_peers_with_heatmaps(narrow_state_dict: dict[str, torch.Tensor]) -> None:
+    """The reference outputs what a heatmaps engine outputs; the others their features only."""
+    spec = FeatureSpec(width_div=NARROW, heatmaps=True)
+    images = np.random.default_rng(7).integers(0, 256, (1, 224, 224, 3), dtype=np.uint8)
+    for peer in PEERS:
+        got = make_peer(peer, spec, narrow_state_dict, "cpu", "fp32")(images)
+        heatmaps = set(spec.output_names()) - set(spec.layers)
+        assert set(got) == (set(spec.output_names()) if peer == "reference" else set(spec.layers))
+        assert heatmaps and all(got[t].dtype == np.float32 for t in got)
 
 
 def test_profile_aggregation_drops_the_warm_up() -> None:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+import tomllib
 
 pytestmark = pytest.mark.slow
 
@@ -27,12 +28,16 @@ REPO = Path(__file__).resolve().parents[1]
 # What a build needs: pyproject's package-dir maps each folder to its interactive.* package;
 # README.md is the project's `readme`.
 SOURCE_FILES = ("pyproject.toml", "README.md")
-PACKAGE_DIRS = {
-    "export": "interactive/export",
-    "runtime": "interactive/runtime",
-    "engines": "interactive/engines",
-    "bench": "interactive/bench",
-}
+
+
+def package_dirs() -> dict[str, str]:
+    """Folder -> package path, from pyproject's package-dir (export -> interactive/export)."""
+    with open(REPO / "pyproject.toml", "rb") as f:
+        mapping = tomllib.load(f)["tool"]["setuptools"]["package-dir"]
+    return {folder: package.replace(".", "/") for package, folder in mapping.items()}
+
+
+PACKAGE_DIRS = package_dirs()
 
 
 def python_sources_only(folder: str, names: list[str]) -> set[str]:
