@@ -14,6 +14,7 @@ from .backends import Backend, open_backend
 from .batching import batches_by_bucket
 from .images import DEFAULT_MAX_PIXELS, ImageError, ImageSource, PreparedImage, prepare_image
 from .manifest import EngineManifest, heatmap_name
+from .settings import NORMALIZATIONS
 
 log = logging.getLogger("interactive")
 
@@ -55,12 +56,17 @@ class Features(Mapping[str, np.ndarray]):
 
     def concat(self, normalize: str = "l2", layers: Iterable[str] | None = None) -> np.ndarray:
         """[N, sum D_t]: the layers side by side, each L2-normalised first (`normalize="l2"`)."""
-        if normalize not in ("l2", "none"):
-            raise ValueError(f"normalize must be 'l2' or 'none', got {normalize!r}")
+        check_normalize(normalize)
         parts = [self[t] for t in (layers if layers is not None else self.layers)]
         if normalize == "l2":
             parts = [l2_normalize(p) for p in parts]
         return np.concatenate(parts, axis=1)
+
+
+def check_normalize(normalize: str) -> str:
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be 'l2' or 'none', got {normalize!r}")
+    return normalize
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:

@@ -20,6 +20,7 @@ from .optional import optional_import
 from .registry import BACKENDS
 from .settings import (
     DEFAULT_AREA_SIDE,
+    NORMALIZATIONS,
     PRECISIONS,
     ExportSettings,
     add_export_arguments,
@@ -244,7 +245,7 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--shard-size", type=int, default=1000, help="rows per output shard")
     p.add_argument("--layers", help="comma-separated subset of the engine's layers")
-    p.add_argument("--normalize", default="none", choices=["none", "l2"])
+    p.add_argument("--normalize", default="none", choices=NORMALIZATIONS)
     p.add_argument("--concat", action="store_true", help="one `features` column")
     p.add_argument("--path-column", default="path", help="for Parquet/CSV sources")
     p.add_argument("--heatmaps", action="store_true", help="store small heatmaps (<= 32 px)")

@@ -35,6 +35,7 @@ from .images import ImageError, PreparedImage, image_size, prepare_image
 from .index_sources import IndexJobError, iter_sources, limited
 from .manifest import EngineManifest, package_version
 from .parquet import features_table, write_table
+from .settings import NORMALIZATIONS
 
 RUN_MANIFEST = "_manifest.json"
 log = logging.getLogger("interactive")
@@ -251,7 +252,7 @@ def check_options(options: IndexOptions, manifest: EngineManifest) -> None:
     manifest: no backend is opened)."""
     if options.batch_size < 1 or options.shard_size < 1:
         raise IndexJobError("--batch-size and --shard-size must be at least 1")
-    if options.normalize not in ("none", "l2"):
+    if options.normalize not in NORMALIZATIONS:
         raise IndexJobError(f"--normalize must be none or l2, got {options.normalize!r}")
     if options.heatmaps and not manifest.data.get("heatmaps"):
         raise IndexJobError(

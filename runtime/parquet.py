@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .api import Features, l2_normalize
+from .api import Features, check_normalize, l2_normalize
 from .atomic import atomic_path
 from .buckets import format_size
 from .manifest import heatmap_name
@@ -36,6 +36,7 @@ def features_table(
     copies (`layer_matrix`). `heatmaps` adds a `<layer>.heatmap` column per layer: the map
     block-averaged to at most HEATMAP_SIDE on its longer side, as a list of rows.
     """
+    check_normalize(normalize)
     ok = features.ok
     columns: dict[str, Any] = {} if ids is None else {"id": pa.array(list(ids), pa.string())}
     columns["path"] = pa.array([str(p) for p in paths], pa.string())

@@ -35,6 +35,8 @@ PAPER_LAYERS = (
     "pool-1", "pool-2", "conv-3-3", "pool-3", "conv-4-3", "pool-4", "conv-5-3", "pool-5", "fc-6",
 )  # fmt: skip
 DEFAULT_AREA_SIDE = 512
+# How feature rows may be post-processed: as they are, or each layer L2-normalised (the paper's).
+NORMALIZATIONS = ("none", "l2")
 WEIGHT_SOURCES = (
     "'imagenet' (torchvision's, via the torch hub cache), a .pth state dict, or random:SEED"
 )
