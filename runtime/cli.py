@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .buckets import all_buckets, bucket_for, format_size, parse_size
@@ -74,6 +75,21 @@ def progress_line(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def _command(
+    sub: argparse._SubParsersAction,
+    handler: Callable[[argparse.Namespace], int],
+    name: str,
+    help: str,
+    description: str,
+) -> argparse.ArgumentParser:
+    """A subcommand taking the common options, run by `handler(args) -> exit code`."""
+    p: argparse.ArgumentParser = sub.add_parser(
+        name, parents=[COMMON], help=help, description=description
+    )
+    p.set_defaults(handler=handler)
+    return p
+
+
 def _engine_options(p: argparse.ArgumentParser, output: str, batch_size: int = 0) -> None:
     """--engine and -o for every command that runs an engine; --backend/--batch-size if batched."""
     p.add_argument("--engine", required=True, type=Path, help="engine directory")
@@ -84,9 +100,10 @@ def _engine_options(p: argparse.ArgumentParser, output: str, batch_size: int = 0
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
+        _run_export,
         "export",
-        parents=[COMMON],
         help="export one ONNX graph per bucket into an engine directory (needs torch)",
         description="Export the analytic InterActive graph, one static ONNX graph per bucket, "
         "sharing one weights.bin. Every bucket is validated against the autograd reference.",
@@ -97,7 +114,6 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "--buckets", default="common", help="'common', 'all', or a list WxH,WxH (default common)"
     )
     p.add_argument("--no-validate", action="store_true", help="skip the reference check")
-    p.set_defaults(handler=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -123,9 +139,10 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _add_build(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
+        _run_build,
         "build",
-        parents=[COMMON],
         help="build TensorRT plans from an engine directory's graphs (needs TensorRT and a GPU)",
         description="Build one weight-stripped TensorRT plan per bucket and precision beside the "
         "engine's graphs (refitted from weights.bin at load), and record the build facts in the "
@@ -140,7 +157,6 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workspace", type=float, default=4.0, help="builder workspace in GB")
     p.add_argument("--lazy", action="store_true", help="build each plan on its first use instead")
     p.add_argument("--force", action="store_true", help="rebuild plans that exist")
-    p.set_defaults(handler=_run_build)
 
 
 def _run_build(args: argparse.Namespace) -> int:
@@ -166,9 +182,10 @@ def _run_build(args: argparse.Namespace) -> int:
 
 
 def _add_buckets(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
+        _run_buckets,
         "buckets",
-        parents=[COMMON],
         help="the bucket of each size, or the whole table",
         description="Print the bucket (W x H) of each given image size WxH, or the whole table.",
     )
@@ -178,7 +195,6 @@ def _add_buckets(sub: argparse._SubParsersAction) -> None:
         help=f"area as a square's side (default {DEFAULT_AREA_SIDE})",
     )  # fmt: skip
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(handler=_run_buckets)
 
 
 def _run_buckets(args: argparse.Namespace) -> int:
@@ -202,9 +218,10 @@ def _run_buckets(args: argparse.Namespace) -> int:
 
 
 def _add_extract(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
+        _run_extract,
         "extract",
-        parents=[COMMON],
         help="features of images into a Parquet file",
         description="Extract features of IMAGE files into one Parquet file: one row per image "
         "(path, width, height, bucket, one list column per layer, status).",
@@ -212,7 +229,6 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     _engine_options(p, "output .parquet file", batch_size=8)
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: all cores)")
-    p.set_defaults(handler=_run_extract)
 
 
 def _run_extract(args: argparse.Namespace) -> int:
@@ -229,9 +245,10 @@ def _run_extract(args: argparse.Namespace) -> int:
 
 
 def _add_index(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
+        _run_index,
         "index",
-        parents=[COMMON],
         help="a whole collection into sharded Parquet, resumable",
         description="Index SOURCE (a directory tree, a text file of paths, or a Parquet/CSV file "
         "with a path column) into OUTDIR/part-NNNNN.parquet shards plus _manifest.json. Rerun "
@@ -259,7 +276,6 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
         "'auto' joins this machine's cluster; 'ray://HOST:10001' goes through Ray Client",
     )  # fmt: skip
     p.add_argument("--actors", type=int, default=1, help="with --ray: extraction actors")
-    p.set_defaults(handler=_run_index)
 
 
 def _run_index(args: argparse.Namespace) -> int:
@@ -309,9 +325,10 @@ def _run_index(args: argparse.Namespace) -> int:
 
 
 def _add_viz(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
+        _run_viz,
         "viz",
-        parents=[COMMON],
         help="draw an image's activeness heatmaps, one panel per layer, into a PNG",
         description="Render gamma-hat (export/ALGORITHM.md section 5) over IMAGE for each layer; "
         "the engine must have been exported with --heatmaps.",
@@ -321,7 +338,6 @@ def _add_viz(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", help="comma-separated subset of the engine's layers")
     p.add_argument("--columns", type=int, default=0, help="panels per row (0: automatic)")
     p.add_argument("--panel-width", type=int, default=256)
-    p.set_defaults(handler=_run_viz)
 
 
 def _run_viz(args: argparse.Namespace) -> int:
