@@ -120,7 +120,7 @@ assert not loaded, loaded
 
 def test_packages_import_in_one_direction() -> None:
     """runtime imports no other interactive package; export and engines import runtime (never
-    bench); the TensorRT builder never imports the TensorRT backend."""
+    bench), engines never export; the TensorRT builder never imports the TensorRT backend."""
     _run("""
 import importlib, pkgutil, sys
 import interactive.runtime as runtime
@@ -131,7 +131,10 @@ bad = [m for m in sys.modules if m.startswith(others)]
 assert not bad, bad
 import interactive.engines.tensorrt_build
 assert "interactive.engines.tensorrt_backend" not in sys.modules
-import interactive.engines.tensorrt_backend, interactive.export.torch_backend
+import interactive.engines.tensorrt_backend
+bad = [m for m in sys.modules if m.startswith("interactive.export")]
+assert not bad, bad  # engines never imports export
+import interactive.export.torch_backend
 bad = [m for m in sys.modules if m.startswith("interactive.bench") or m in ("torch", "tensorrt")]
 assert not bad, bad
 """)
