@@ -41,12 +41,13 @@ PACKAGE_DIRS = package_dirs()
 
 
 def python_sources_only(folder: str, names: list[str]) -> set[str]:
-    """copytree's ignore: the Python modules and subpackages only (engines/ also holds local
-    engine artifacts)."""
+    """copytree's ignore: the Python modules, subpackages and Markdown only (engines/ also holds
+    local engine artifacts)."""
 
     def kept(name: str) -> bool:
         path = Path(folder) / name
-        return name.endswith(".py") or (path.is_dir() and (path / "__init__.py").is_file())
+        package = path.is_dir() and (path / "__init__.py").is_file()
+        return name.endswith((".py", ".md")) or package  # .md: package data (ALGORITHM.md)
 
     return {n for n in names if n == "__pycache__" or not kept(n)}
 
@@ -120,6 +121,8 @@ def copy_source(dest: Path) -> Path:
     for name in SOURCE_FILES:
         shutil.copy2(REPO / name, dest / name)
     for name in PACKAGE_DIRS:
+        if any(Path(name).is_relative_to(other) for other in PACKAGE_DIRS if other != name):
+            continue  # a subpackage's folder (runtime/backends): copied with its parent's
         shutil.copytree(REPO / name, dest / name, ignore=python_sources_only)
     return dest
 
@@ -176,7 +179,11 @@ def test_pip_install(tmp_path: Path, editable: bool) -> None:
             )
         files = set(info["files"] or ())
         check(bool(files), "importlib.metadata.files('interactive') is empty")
-        expected = {"interactive/runtime/cli.py", "interactive/export/graph.py"}
+        expected = {
+            "interactive/runtime/cli.py",
+            "interactive/export/graph.py",
+            "interactive/export/ALGORITHM.md",  # package data: the math ships with the code
+        }
         for folder, package in PACKAGE_DIRS.items():
             for module in (REPO / folder).rglob("*.py"):
                 relative = module.relative_to(REPO / folder)
