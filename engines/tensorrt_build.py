@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from interactive.runtime.atomic import atomic_path, write_bytes
 from interactive.runtime.buckets import format_size
+from interactive.runtime.locks import ENGINE_LOCK, exclusive_lock
 from interactive.runtime.manifest import EngineError, EngineManifest, write_manifest
 from interactive.runtime.settings import PRECISIONS, REDUCED_SEED_SCALE, seed_scale_for
 
@@ -258,8 +259,23 @@ def build_plans(
     log: Callable[[str], None] = print,
 ) -> EngineManifest:
     """Build the missing (all with `force`) plans of `buckets` (default: every bucket of the
-    directory); the manifest is rewritten after each. Returns the final manifest."""
-    manifest = EngineManifest.load(directory)
+    directory); the manifest is rewritten after each. Returns the final manifest.
+
+    Holds the engine directory's lock (runtime/locks.py) throughout, as `interactive export`
+    does: a concurrent export or build of the same directory is refused at once (LockedError).
+    """
+    EngineManifest.load(directory)  # a directory that is no engine: that error, not the lock's
+    with exclusive_lock(Path(directory) / ENGINE_LOCK, f"engine directory {directory}"):
+        return _build_plans_locked(directory, settings, buckets, log)
+
+
+def _build_plans_locked(
+    directory: Path,
+    settings: BuildSettings,
+    buckets: list[tuple[int, int]] | None,
+    log: Callable[[str], None],
+) -> EngineManifest:
+    manifest = EngineManifest.load(directory)  # under the lock: the latest manifest
     buckets = buckets or manifest.buckets
     for bucket in buckets:
         manifest.bucket_path(bucket)  # a bucket without a graph names the export command

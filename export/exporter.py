@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -27,6 +29,7 @@ from interactive.runtime.atomic import atomic_path
 from interactive.runtime.backends import ort_session, shared_initializers
 from interactive.runtime.buckets import all_buckets, common_buckets, format_size, parse_size
 from interactive.runtime.conformance import FP32_TOLERANCE, conformance_report
+from interactive.runtime.locks import ENGINE_LOCK, exclusive_lock
 from interactive.runtime.manifest import (
     FORMAT,
     MANIFEST_FILE,
@@ -40,7 +43,7 @@ from interactive.runtime.settings import ExportSettings
 from .graph import AnalyticGraph
 from .reference import IMAGENET_MEAN, IMAGENET_STD, reference_features
 from .spec import FeatureSpec, load_state_dict
-from .weights_file import WEIGHTS_FILE, SharedWeights
+from .weights_file import WEIGHTS_FILE, SharedWeights, write_error
 
 OPSET = 18
 INPUT_NAME = "images"
@@ -90,11 +93,42 @@ def resolve_buckets(text: str, area: int, fixed: str | None) -> list[tuple[int, 
 
 
 def export_engine(request: ExportRequest, log: Callable[[str], None] = print) -> EngineManifest:
-    """Export every requested bucket missing from `request.out`; returns the final manifest."""
+    """Export every requested bucket missing from `request.out`; returns the final manifest.
+
+    One writer per engine directory: the whole export holds an exclusive lock on
+    OUT/.interactive.lock (runtime/locks.py), and a second export (or `interactive build`) of
+    the same directory is refused at once with a LockedError naming the holder. Creating that
+    lock file is also the probe that OUT can be written, before any work.
+    """
     spec, settings = request.spec, request.settings
     buckets = resolve_buckets(request.buckets, settings.area, settings.fixed)
     out = Path(request.out)
-    manifest = _load_or_start(out, request, spec)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise EngineError(f"--out {out}: cannot create the directory: {err.strerror}") from err
+    if not out.is_dir():
+        raise EngineError(f"--out {out}: not a directory")
+    try:
+        with exclusive_lock(out / ENGINE_LOCK, f"engine directory {out}"):
+            return _export_locked(request, spec, out, buckets, log)
+    except BaseException:
+        if created:  # a failed first step (download, bad weights) leaves no directory
+            _remove_if_only_lock(out)
+        raise
+
+
+def _export_locked(
+    request: ExportRequest,
+    spec: FeatureSpec,
+    out: Path,
+    buckets: list[tuple[int, int]],
+    log: Callable[[str], None],
+) -> EngineManifest:
+    settings = request.settings
+    _remove_stale_temporaries(out)
+    manifest = _load_or_start(out, request, spec, log)
     todo = [b for b in buckets if format_size(b) not in manifest["buckets"]]
     if len(todo) < len(buckets):
         log(f"{len(buckets) - len(todo)} of {len(buckets)} buckets already in {out}")
@@ -104,16 +138,22 @@ def export_engine(request: ExportRequest, log: Callable[[str], None] = print) ->
     if settings.weights.startswith("random:"):
         log("NOTE: random weights: the features are for tests and smoke runs, not for retrieval")
     state_dict = load_state_dict(settings.weights, spec.arch, spec.width_div)
-    out.mkdir(parents=True, exist_ok=True)  # only now: a failed download leaves no directory
+    _check_free_space(out, spec, state_dict, manifest, len(todo))
     graph = AnalyticGraph(spec, state_dict).eval()
     weights = SharedWeights(out, manifest["weights"]["tensors"])
-    weights.truncate_to_table()  # bytes a crash appended but never recorded
+    try:
+        weights.truncate_to_table()  # bytes a crash appended but never recorded
+    except OSError as err:
+        raise EngineError(write_error(weights.path, err)) from err
     for n, bucket in enumerate(todo, 1):
         started = time.perf_counter()
         entry = _export_bucket(graph, spec, state_dict, bucket, weights, out, request.validate)
         entry["export_seconds"] = round(time.perf_counter() - started, 2)
         _record(manifest, weights, bucket, entry)
-        write_manifest(out, manifest)
+        try:
+            write_manifest(out, manifest)
+        except OSError as err:
+            raise EngineError(write_error(out / MANIFEST_FILE, err)) from err
         err = entry.get("validation", {}).get("max_rel_err")
         check = f"max rel err {err:.1e}" if err is not None else "not validated"
         log(
@@ -123,7 +163,68 @@ def export_engine(request: ExportRequest, log: Callable[[str], None] = print) ->
     return EngineManifest(out, manifest)
 
 
-def _load_or_start(out: Path, request: ExportRequest, spec: FeatureSpec) -> dict[str, Any]:
+# Files an interrupted export leaves: atomic.temporary_name's hidden names of what it writes.
+_TEMPORARY = re.compile(r"\.(manifest\.json|bucket-.+|tensorrt-.+)\.\d+\.[0-9a-f]{8}\.tmp")
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Under the lock no other writer is at work: temporaries left here are a killed writer's."""
+    for path in out.iterdir():
+        if _TEMPORARY.fullmatch(path.name):
+            path.unlink(missing_ok=True)
+
+
+def _remove_if_only_lock(out: Path) -> None:
+    try:
+        if {p.name for p in out.iterdir()} <= {ENGINE_LOCK}:
+            (out / ENGINE_LOCK).unlink(missing_ok=True)
+            out.rmdir()
+    except OSError:
+        pass
+
+
+def _interrupted_first_export(out: Path) -> bool:
+    """A weights.bin and no manifest.json is what a first export leaves when it is killed before
+    recording its first bucket: only weights.bin, unrecorded bucket graphs, the lock file."""
+    return all(
+        p.name in (WEIGHTS_FILE, ENGINE_LOCK) or re.fullmatch(r"bucket-\d+x\d+\.onnx", p.name)
+        for p in out.iterdir()
+    )
+
+
+def _check_free_space(
+    out: Path,
+    spec: FeatureSpec,
+    state_dict: dict[str, torch.Tensor],
+    manifest: dict[str, Any],
+    buckets: int,
+) -> None:
+    """Refuse before the work when OUT's filesystem cannot hold what the export writes: at most
+    the network's weights plus the flipped kernels of the backward pass (when weights.bin holds
+    nothing yet) and about 1 MiB per bucket graph (written beside its temporary)."""
+    needed = buckets << 20
+    if not manifest["weights"]["tensors"]:
+        for u in spec.units:
+            if not u.is_pool:
+                weight = state_dict[f"{u.weight_key}.weight"].numel()
+                bias = state_dict[f"{u.weight_key}.bias"].numel()
+                copies = 2 if u.kernel == 3 else 1  # 3x3 kernels are stored flipped too
+                needed += (copies * weight + bias) * 4
+    try:
+        stat = os.statvfs(out)
+    except OSError:
+        return
+    free = stat.f_bavail * stat.f_frsize
+    if stat.f_blocks and free < needed:
+        raise EngineError(
+            f"--out {out}: {free / 1e6:.1f} MB free on its filesystem, the export needs up to "
+            f"{needed / 1e6:.1f} MB; free some space or choose another --out"
+        )
+
+
+def _load_or_start(
+    out: Path, request: ExportRequest, spec: FeatureSpec, log: Callable[[str], None] = print
+) -> dict[str, Any]:
     if (out / MANIFEST_FILE).exists():
         manifest = EngineManifest.load(out).data
         mine, theirs = request.settings.identity(), manifest["export"]
@@ -136,7 +237,16 @@ def _load_or_start(out: Path, request: ExportRequest, spec: FeatureSpec) -> dict
             )
         return manifest
     if (out / WEIGHTS_FILE).exists():
-        raise EngineError(f"{out} has a {WEIGHTS_FILE} but no {MANIFEST_FILE}; use an empty --out")
+        if not _interrupted_first_export(out):
+            raise EngineError(
+                f"{out} has a {WEIGHTS_FILE} but no {MANIFEST_FILE}, and files an export does "
+                "not write; use an empty --out"
+            )
+        log(
+            f"{out}: {WEIGHTS_FILE} without {MANIFEST_FILE} is what an interrupted first export "
+            "leaves; starting it again"
+        )
+        (out / WEIGHTS_FILE).unlink()
     settings = request.settings
     if settings.fixed is not None:
         width, height = parse_size(settings.fixed)
@@ -177,12 +287,15 @@ def _export_bucket(
     name = f"bucket-{format_size(bucket)}.onnx"
     model = to_onnx(graph, spec, bucket)
     weights.externalize(model)
-    with atomic_path(out / name) as tmp:
-        onnx.save(model, tmp)
-        onnx.checker.check_model(str(tmp))
-        entry: dict[str, Any] = {"file": name, "width": bucket[0], "height": bucket[1]}
-        if validate:
-            entry["validation"] = validate_bucket(tmp, weights, spec, state_dict, bucket)
+    entry: dict[str, Any] = {"file": name, "width": bucket[0], "height": bucket[1]}
+    try:
+        with atomic_path(out / name) as tmp:
+            onnx.save(model, tmp)
+            onnx.checker.check_model(str(tmp))
+            if validate:
+                entry["validation"] = validate_bucket(tmp, weights, spec, state_dict, bucket)
+    except OSError as err:  # disk full, read-only: the temporary is gone, nothing recorded
+        raise EngineError(write_error(out / name, err)) from err
     entry["bytes"] = (out / name).stat().st_size
     entry["exported_at"] = _now()
     return entry
@@ -239,6 +352,12 @@ def validate_bucket(
     session = ort_session(model, initializers, providers=["CPUExecutionProvider"])
     names = spec.output_names()
     got = dict(zip(names, session.run(names, {INPUT_NAME: image}), strict=True))
+    for name, value in got.items():
+        if not np.isfinite(value).all():
+            raise ExportValidationError(
+                f"bucket {format_size(bucket)}: output {name!r} has NaN or infinite values "
+                f"({int((~np.isfinite(value)).sum())} of {value.size}); nothing recorded"
+            )
     want = reference_features(spec, state_dict, torch.from_numpy(image))
     report = conformance_report(got, want, "fp32", label=f"bucket {format_size(bucket)}")
     if not report.ok:

@@ -118,19 +118,56 @@ def load_state_dict(weights: str, arch: str, width_div: int = 1) -> dict[str, to
     if weights == "imagenet":
         if width_div != 1:
             raise ValueError("the ImageNet weights are full width: drop the width divisor")
-        return _imagenet_state_dict(arch)
+        sd = _imagenet_state_dict(arch)
+        check_state_dict(sd, arch, width_div, f"--weights imagenet ({IMAGENET_URLS[arch]})")
+        return sd
     path = Path(weights)
     if not path.is_file():
         raise FileNotFoundError(
             f"--weights {weights!r}: no such file (expected a .pth state dict, 'imagenet' or "
             "'random:SEED')"
         )
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # empty, text, truncated, unreadable, not a torch file
+        detail = " ".join(str(err).split())[:200] or "no detail"
+        raise ValueError(
+            f"--weights {weights!r}: cannot be read as a torch state dict "
+            f"({type(err).__name__}: {detail})"
+        ) from err
     if isinstance(sd, dict) and "state_dict" in sd:
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
         raise ValueError(f"--weights {weights!r}: not a state dict (got {type(sd).__name__})")
+    check_state_dict(sd, arch, width_div, f"--weights {weights!r}")
     return sd
+
+
+def check_state_dict(
+    sd: dict[str, torch.Tensor], arch: str, width_div: int = 1, source: str = "state dict"
+) -> None:
+    """Every tensor the network uses is there, is a tensor, and is finite: a ValueError naming
+    `source` and the first tensor that is not (a NaN or an infinity in a weight makes every
+    feature NaN)."""
+    for u in units(arch, width_div):
+        if u.is_pool:
+            continue
+        for key in (f"{u.weight_key}.weight", f"{u.weight_key}.bias"):
+            value = sd.get(key)
+            if value is None:
+                raise ValueError(
+                    f"{source}: the state dict lacks {key!r} (needed by {u.name}; a torchvision "
+                    f"{arch} state dict has it)"
+                )
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"{source}: {key!r} is a {type(value).__name__}, not a tensor")
+            if value.is_floating_point():
+                bad = int((~torch.isfinite(value)).sum())
+                if bad:
+                    raise ValueError(
+                        f"{source}: tensor {key!r} has {bad} NaN or infinite values of "
+                        f"{value.numel()}; refusing to export it"
+                    )
 
 
 def _imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:

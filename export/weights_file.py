@@ -7,6 +7,8 @@ manifest carries to the runtime. A second bucket finds its tensors already there
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 from pathlib import Path
@@ -16,9 +18,19 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from interactive.runtime.manifest import EngineError
+
 WEIGHTS_FILE = "weights.bin"
 ALIGNMENT = 64 * 1024
 INLINE_BYTES = 1024  # shape constants and the like stay inside the graph
+
+
+def write_error(path: Path, err: OSError) -> str:
+    """One line for a failed write of `path` (disk full, read-only, no permission)."""
+    line = f"{path}: cannot write: {err.strerror or err}"
+    if err.errno == errno.ENOSPC:
+        line += "; free some space and rerun the same command (finished buckets are kept)"
+    return line
 
 
 class WeightsMismatchError(ValueError):
@@ -67,11 +79,16 @@ class SharedWeights:
             return known
         size = self.path.stat().st_size if self.path.exists() else 0
         offset = -(-size // ALIGNMENT) * ALIGNMENT
-        with open(self.path, "ab") as f:
-            f.write(b"\0" * (offset - size))
-            f.write(array.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.path, "ab") as f:
+                f.write(b"\0" * (offset - size))
+                f.write(array.tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:
+            with contextlib.suppress(OSError):  # the table still ends at `size`
+                os.truncate(self.path, size)
+            raise EngineError(write_error(self.path, err)) from err
         entry = {
             "offset": offset,
             "length": array.nbytes,

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .atomic import write_json
@@ -45,6 +46,16 @@ class MissingBucketError(EngineError):
         self.bucket = bucket
 
 
+class BadBucketError(EngineError):
+    """A bucket's graph file exists in the manifest but cannot be opened (unreadable, garbage,
+    not a graph ONNX Runtime takes). Carries the bucket, so that a job over many images can
+    turn that bucket's images into error rows and go on with the others."""
+
+    def __init__(self, message: str, bucket: tuple[int, int]) -> None:
+        super().__init__(message)
+        self.bucket = bucket
+
+
 @dataclass
 class EngineManifest:
     directory: Path
@@ -63,10 +74,13 @@ class EngineManifest:
             )
         try:
             data = json.loads(file.read_text())
-        except (OSError, json.JSONDecodeError) as err:
+        except OSError as err:
+            raise EngineError(f"{file}: cannot read the manifest: {err.strerror or err}") from err
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise EngineError(f"{file}: unreadable manifest ({err})") from err
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise EngineError(f"{file}: not an {FORMAT} manifest")
+        validate_manifest(data, file)
         return cls(path, data)
 
     @property
@@ -102,13 +116,20 @@ class EngineManifest:
             if width < 1 or height < 1:
                 raise ValueError(f"image size must be positive, got {width}x{height}")
             return int(rule["width"]), int(rule["height"])
+        if rule["kind"] != "area":
+            raise EngineError(f"{self.directory}: unknown bucket_rule.kind {rule['kind']!r}")
         return bucket_for(width, height, int(rule["area"]))
 
     def bucket_path(self, bucket: tuple[int, int]) -> Path:
         entry = self.data["buckets"].get(format_size(bucket))
         if entry is None:
             raise self.missing_bucket(bucket)
-        return self.directory / entry["file"]
+        return self.directory / engine_relative(entry["file"], f"buckets.{format_size(bucket)}")
+
+    @property
+    def weights_path(self) -> Path:
+        """The weights file (the manifest's `weights.file`, inside the directory)."""
+        return self.directory / engine_relative(self.data["weights"]["file"], "weights.file")
 
     def missing_bucket(self, bucket: tuple[int, int]) -> MissingBucketError:
         """The error for a bucket without a graph: it names the command that exports it."""
@@ -139,3 +160,166 @@ def package_version() -> str:
 def write_manifest(directory: Path, data: dict[str, Any]) -> None:
     """Atomically replace DIR/manifest.json."""
     write_json(directory / MANIFEST_FILE, data)
+
+
+# --- the manifest's schema ---------------------------------------------------------------------
+# The keys the runtime reads, with their types; every error is one line:
+# "<file>: <key path>: <what is wrong>". Keys not listed here are not checked (they are records,
+# not inputs: versions, times, validation results).
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+# The dtypes a weights table may hold, with their sizes in bytes.
+_DTYPES = {"float32": 4, "float16": 2, "float64": 8, "int64": 8, "int32": 4, "int8": 1,
+           "uint8": 1, "bool": 1}  # fmt: skip
+_TYPE_NAMES = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+               int: "an integer", float: "a number", type(None): "null"}  # fmt: skip
+
+
+class _Invalid(Exception):
+    def __init__(self, key: str, what: str) -> None:
+        super().__init__(f"{key}: {what}")
+
+
+def _key(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    if re.fullmatch(r"[A-Za-z0-9_-]+", key):
+        return f"{path}.{key}" if path else key
+    return f"{path}[{json.dumps(key)}]"
+
+
+def _type_name(value: object) -> str:
+    return _TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def _get(obj: dict[str, Any], path: str, key: str, kind: type | tuple[type, ...]) -> Any:
+    """obj[key], checked to be of `kind` (bool is never an int here)."""
+    where = _key(path, key)
+    if key not in obj:
+        raise _Invalid(where, "missing")
+    value = obj[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        names = " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
+        raise _Invalid(where, f"must be {names}, got {_type_name(value)} {value!r:.60}")
+    return value
+
+
+def _count(obj: dict[str, Any], path: str, key: str, minimum: int = 0) -> int:
+    value: int = _get(obj, path, key, int)
+    if value < minimum:
+        raise _Invalid(_key(path, key), f"must be at least {minimum}, got {value}")
+    return value
+
+
+def engine_relative(value: str, key: str) -> PurePosixPath:
+    """A manifest's file name as a path confined to the engine directory: relative, without
+    `..`, not empty. Anything else is an EngineError naming the key and the path."""
+    path = PurePosixPath(value)
+    if not value or path.is_absolute() or ".." in path.parts or path == PurePosixPath("."):
+        raise EngineError(
+            f"{key}: {value!r} is not a file inside the engine directory (absolute paths and "
+            "'..' are refused)"
+        )
+    return path
+
+
+def _file(obj: dict[str, Any], path: str, key: str) -> str:
+    value: str = _get(obj, path, key, str)
+    try:
+        engine_relative(value, _key(path, key))
+    except EngineError as err:
+        raise _Invalid(_key(path, key), str(err).split(": ", 1)[1]) from None
+    return value
+
+
+def _check_manifest(data: dict[str, Any]) -> None:
+    layers = _get(data, "", "layers", list)
+    if not layers:
+        raise _Invalid("layers", "must list at least one layer")
+    for i, layer in enumerate(layers):
+        where = _key("layers", i)
+        if not isinstance(layer, dict):
+            raise _Invalid(where, f"must be an object, got {_type_name(layer)}")
+        _get(layer, where, "name", str)
+        _count(layer, where, "dim", 1)
+    outputs = _get(data, "", "outputs", list)
+    for i, name in enumerate(outputs):
+        if not isinstance(name, str):
+            raise _Invalid(_key("outputs", i), f"must be a string, got {_type_name(name)}")
+    _get(_get(data, "", "input", dict), "input", "name", str)
+
+    rule = _get(data, "", "bucket_rule", dict)
+    kind = _get(rule, "bucket_rule", "kind", str)
+    if kind == "area":
+        _count(rule, "bucket_rule", "area", 1)
+    elif kind == "fixed":
+        _count(rule, "bucket_rule", "width", 1)
+        _count(rule, "bucket_rule", "height", 1)
+    else:
+        raise _Invalid("bucket_rule.kind", f"must be 'area' or 'fixed', got {kind!r}")
+
+    for name, entry in _get(data, "", "buckets", dict).items():
+        where = _key("buckets", name)
+        if not isinstance(entry, dict):
+            raise _Invalid(where, f"must be an object, got {_type_name(entry)}")
+        _file(entry, where, "file")
+        width, height = _count(entry, where, "width", 1), _count(entry, where, "height", 1)
+        if name != f"{width}x{height}":
+            raise _Invalid(where, f"names bucket {name!r} but holds {width}x{height}")
+
+    weights = _get(data, "", "weights", dict)
+    _file(weights, "weights", "file")
+    if "sha256" in weights and not _SHA256.fullmatch(str(weights["sha256"])):
+        raise _Invalid("weights.sha256", "must be 64 lowercase hex digits")
+    for name, entry in _get(weights, "weights", "tensors", dict).items():
+        where = _key("weights.tensors", name)
+        if not isinstance(entry, dict):
+            raise _Invalid(where, f"must be an object, got {_type_name(entry)}")
+        _count(entry, where, "offset")
+        length = _count(entry, where, "length")
+        dtype = _get(entry, where, "dtype", str)
+        if dtype not in _DTYPES:
+            raise _Invalid(_key(where, "dtype"), f"must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        shape = _get(entry, where, "shape", list)
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise _Invalid(_key(where, "shape"), f"must be a list of sizes, got {shape!r:.60}")
+        count = 1
+        for d in shape:
+            count *= d
+        if count * _DTYPES[dtype] != length:
+            raise _Invalid(where, f"length {length} is not shape {shape} of {dtype}")
+        sha = _get(entry, where, "sha256", str)
+        if not _SHA256.fullmatch(sha):
+            raise _Invalid(_key(where, "sha256"), "must be 64 lowercase hex digits")
+
+    export = _get(data, "", "export", dict)
+    try:
+        ExportSettings.from_identity(export)
+    except (TypeError, ValueError) as err:
+        raise _Invalid("export", str(err)) from None
+    if "heatmaps" in data:
+        _get(data, "", "heatmaps", bool)
+    tensorrt = data.get("tensorrt")
+    if tensorrt is not None:
+        plans = _get(_get(data, "", "tensorrt", dict), "tensorrt", "plans", dict)
+        for bucket, by_precision in plans.items():
+            where = _key("tensorrt.plans", bucket)
+            if not isinstance(by_precision, dict):
+                raise _Invalid(where, f"must be an object, got {_type_name(by_precision)}")
+            for precision, facts in by_precision.items():
+                at = _key(where, precision)
+                if not isinstance(facts, dict):
+                    raise _Invalid(at, f"must be an object, got {_type_name(facts)}")
+                for key in ("file", "graph"):
+                    if key in facts:
+                        _file(facts, at, key)
+
+
+def validate_manifest(data: dict[str, Any], file: str | os.PathLike[str]) -> None:
+    """Check the keys the runtime reads (types, ranges, names confined to the directory); an
+    EngineError "<file>: <key path>: <what is wrong>" for the first problem found."""
+    try:
+        _check_manifest(data)
+    except _Invalid as err:
+        raise EngineError(f"{file}: {err}") from None

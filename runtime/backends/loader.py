@@ -7,6 +7,7 @@ from typing import Any
 
 from ..manifest import EngineError, EngineManifest
 from ..registry import AUTO_ORDER, BACKENDS, REGISTRY
+from ..weights import verify_weights
 from .base import Backend
 
 
@@ -42,7 +43,10 @@ def open_backend(manifest: EngineManifest, name: str = "auto", **options: Any) -
 
     An option the backend does not take is refused by name (UnknownOption, an EngineError), and
     a named backend that cannot run here raises EngineError saying what is missing.
+    The engine's weights file is checked against the manifest's sha256 first, whatever the
+    backend (once per process and file: interactive.runtime.weights.verify_weights).
     """
+    verify_weights(manifest.weights_path, manifest.data["weights"]["tensors"])
     if name == "auto":
         name = next(n for n in AUTO_ORDER if n == "ort" or backend_status(n, manifest) is None)
     cls = backend_class(name)

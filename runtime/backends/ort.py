@@ -22,10 +22,17 @@ from typing import Any
 
 import numpy as np
 
-from ..manifest import EngineManifest
+from ..buckets import format_size
+from ..manifest import BadBucketError, EngineManifest
 from .base import GPU_DEVICES, Backend, check_device, cuda_index
 from .common import BucketCache, check_batch, cuda_device_count, release_freed_memory
-from .sessions import default_providers, engine_initializers, onnxruntime_module, ort_session
+from .sessions import (
+    BadGraphError,
+    default_providers,
+    engine_initializers,
+    onnxruntime_module,
+    ort_session,
+)
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 TENSORRT_PROVIDER = "TensorrtExecutionProvider"
@@ -75,13 +82,22 @@ class OrtBackend(Backend):
         return self._sessions.get(bucket)
 
     def _open_session(self, bucket: tuple[int, int]) -> Any:
-        return ort_session(
-            self.manifest.bucket_path(bucket),
-            engine_initializers(self.manifest),
-            providers=self.providers,
-            threads=self.threads,
-            prepack=self.prepack,
-        )
+        """The bucket's session; a graph file ONNX Runtime cannot load is a BadBucketError
+        (an EngineError carrying the bucket), so a job can fail that bucket's images only."""
+        try:
+            return ort_session(
+                self.manifest.bucket_path(bucket),
+                engine_initializers(self.manifest),
+                providers=self.providers,
+                threads=self.threads,
+                prepack=self.prepack,
+            )
+        except BadGraphError as err:
+            raise BadBucketError(
+                f"bucket {format_size(bucket)}: {err}; the file is damaged: restore it from a "
+                "good copy of the engine or export the engine again into a new --out directory",
+                bucket,
+            ) from err
 
     @property
     def open_buckets(self) -> list[tuple[int, int]]:

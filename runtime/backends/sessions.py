@@ -1,22 +1,45 @@
 """ONNX Runtime sessions over shared weights: what the ort backends, the exporter and the bench's
-profiler open their sessions with."""
+profiler open their sessions with.
+
+Telemetry: official onnxruntime builds record usage events (model file names included) under
+~/.cache/Microsoft/DeveloperTools/.onnxruntime and upload them. ONNX Runtime reads
+ORT_DISABLE_TELEMETRY=1 once, when it is first imported, so this module sets it (unless the user
+set it) when it is imported itself, before any onnxruntime import of this package, and
+`onnxruntime_module` also calls `disable_telemetry_events()` where the build has it.
+"""
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ..manifest import EngineManifest
+from ..manifest import EngineError, EngineManifest
 from ..optional import optional_import
 from ..weights import MappedWeights, mapped_weights
 
+TELEMETRY_VARIABLE = "ORT_DISABLE_TELEMETRY"
+os.environ.setdefault(TELEMETRY_VARIABLE, "1")
+
+
+class BadGraphError(EngineError):
+    """ONNX Runtime cannot open a graph file (missing, unreadable, not an ONNX model, invalid)."""
+
 
 def onnxruntime_module() -> ModuleType:
-    """The onnxruntime package (a hard dependency; MissingDependency says how to install it)."""
-    return optional_import(
+    """The onnxruntime package (a hard dependency; MissingDependency says how to install it),
+    with its telemetry off (see the module docstring)."""
+    first = "onnxruntime" not in sys.modules
+    if first:
+        os.environ.setdefault(TELEMETRY_VARIABLE, "1")
+    ort = optional_import(
         "onnxruntime", "the ort backends need onnxruntime", "pip install onnxruntime"
     )
+    if first and hasattr(ort, "disable_telemetry_events"):
+        ort.disable_telemetry_events()
+    return ort
 
 
 def default_providers() -> list[str]:
@@ -54,7 +77,36 @@ def ort_session(
         options.profile_file_prefix = str(profile_prefix)
     for name, value in (initializers or {}).items():
         options.add_initializer(name, value)
-    return ort.InferenceSession(str(model), options, providers=providers or default_providers())
+    try:
+        return ort.InferenceSession(str(model), options, providers=providers or default_providers())
+    except _graph_errors(ort) as err:
+        raise BadGraphError(
+            f"{model}: ONNX Runtime cannot open this graph ({_reason(err)})"
+        ) from err
+
+
+# What ONNX Runtime raises for a graph file it cannot load (missing, unreadable, garbage, empty,
+# an invalid or unsupported graph); a failing device or provider (RuntimeException, EPFail) is
+# not the file's fault and propagates as it is.
+_GRAPH_ERRORS = ("InvalidProtobuf", "InvalidArgument", "NoSuchFile", "InvalidGraph", "Fail",
+                 "NotImplemented")  # fmt: skip
+
+
+def _graph_errors(ort: ModuleType) -> tuple[type[BaseException], ...]:
+    state = getattr(getattr(ort, "capi", None), "onnxruntime_pybind11_state", None)
+    found = [getattr(state, name, None) for name in _GRAPH_ERRORS]
+    return (OSError, *(e for e in found if isinstance(e, type) and issubclass(e, Exception)))
+
+
+def _reason(err: BaseException) -> str:
+    """ORT's message in one line, without its "[ONNXRuntimeError] : 7 : Load model from X
+    failed:" preamble."""
+    text = " ".join(str(err).split())
+    code = text.split(" : ")[2] if text.count(" : ") >= 3 else type(err).__name__
+    detail = text.rsplit("failed:", 1)[-1].strip() if "failed:" in text else text
+    if len(detail) > 300:
+        detail = detail[:300] + "..."
+    return f"{code}: {detail}"
 
 
 _ortvalue_cache: dict[Path, tuple[MappedWeights, dict[str, Any]]] = {}
@@ -77,5 +129,4 @@ def shared_initializers(weights_file: Path, table: dict[str, dict[str, Any]]) ->
 
 def engine_initializers(manifest: EngineManifest) -> dict[str, Any]:
     """`shared_initializers` of the engine directory's weights file."""
-    weights = manifest.data["weights"]
-    return shared_initializers(manifest.directory / weights["file"], weights["tensors"])
+    return shared_initializers(manifest.weights_path, manifest.data["weights"]["tensors"])

@@ -1,0 +1,80 @@
+"""One writer at a time: an OS file lock (`fcntl.flock`) on a small file beside what it guards.
+
+`exclusive_lock(path, what)` holds an exclusive, non-blocking flock on `path` for the duration of
+a `with` block and writes who holds it (pid, host, start time, command) into the file. A second
+holder is refused at once with LockedError, one line naming the holder and the lock file. The
+kernel drops the lock when its process ends, however it ends (even `kill -9`), so a lock file
+left behind never blocks anyone: the file stays (removing a lock file races with the next
+holder) and only its text is stale. flock works across processes on one machine and, on Linux,
+on NFS (emulated with POSIX byte-range locks); some network filesystems ignore it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shlex
+import socket
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .manifest import EngineError
+
+# The lock file of an engine directory: `interactive export` and `interactive build` hold it
+# while they write the directory.
+ENGINE_LOCK = ".interactive.lock"
+
+
+class LockedError(EngineError):
+    """Another process holds the lock; the message names it and the lock file."""
+
+
+def holder_line() -> str:
+    """Who this process is, in one line: pid, host, start time and command."""
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "python"
+    return f"pid {os.getpid()} on {socket.gethostname()} since {started}: {command}"
+
+
+@contextmanager
+def exclusive_lock(path: str | os.PathLike[str], what: str) -> Iterator[Path]:
+    """Hold an exclusive flock on `path` (created if needed) or raise LockedError at once.
+
+    `what` names the guarded thing in the refusal ("engine directory engines/x"). An OSError
+    creating or writing the lock file (read-only or full filesystem, no permission) becomes an
+    EngineError naming the file: it is the first write into the guarded directory, so a
+    directory that cannot be written is refused before any work.
+    """
+    lock = Path(path)
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise EngineError(f"{what}: cannot create the lock file {lock}: {err.strerror}") from err
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise EngineError(f"{what}: cannot lock {lock}: {err.strerror}") from err
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            raise LockedError(
+                f"{what} is in use by {holder} (lock file {lock}); wait for it to finish"
+            ) from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (holder_line() + "\n").encode(), 0)
+            os.fsync(fd)
+        except OSError as err:
+            raise EngineError(f"{what}: cannot write the lock file {lock}: {err.strerror}") from err
+        try:
+            yield lock
+        finally:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)  # released: no stale holder text for the next reader
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
