@@ -103,6 +103,11 @@ def export_engine(request: ExportRequest, log: Callable[[str], None] = print) ->
     spec, settings = request.spec, request.settings
     buckets = resolve_buckets(request.buckets, settings.area, settings.fixed)
     out = Path(request.out)
+    if (out / MANIFEST_FILE).exists():  # nothing to do needs no lock (e.g. a read-only engine)
+        manifest = _load_or_start(out, request, spec, log)
+        if all(format_size(b) in manifest["buckets"] for b in buckets):
+            log(f"{len(buckets)} of {len(buckets)} buckets already in {out}")
+            return EngineManifest(out, manifest)
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -110,13 +115,13 @@ def export_engine(request: ExportRequest, log: Callable[[str], None] = print) ->
         raise EngineError(f"--out {out}: cannot create the directory: {err.strerror}") from err
     if not out.is_dir():
         raise EngineError(f"--out {out}: not a directory")
-    try:
-        with exclusive_lock(out / ENGINE_LOCK, f"engine directory {out}"):
+    with exclusive_lock(out / ENGINE_LOCK, f"engine directory {out}"):
+        try:
             return _export_locked(request, spec, out, buckets, log)
-    except BaseException:
-        if created:  # a failed first step (download, bad weights) leaves no directory
-            _remove_if_only_lock(out)
-        raise
+        except BaseException:
+            if created:  # a failed first step (download, bad weights) leaves no directory
+                _remove_if_only_lock(out)
+            raise
 
 
 def _export_locked(

@@ -11,7 +11,6 @@ set it) when it is imported itself, before any onnxruntime import of this packag
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -31,15 +30,19 @@ class BadGraphError(EngineError):
 def onnxruntime_module() -> ModuleType:
     """The onnxruntime package (a hard dependency; MissingDependency says how to install it),
     with its telemetry off (see the module docstring)."""
-    first = "onnxruntime" not in sys.modules
-    if first:
-        os.environ.setdefault(TELEMETRY_VARIABLE, "1")
+    global _telemetry_off
+    os.environ.setdefault(TELEMETRY_VARIABLE, "1")  # effective if onnxruntime is not loaded yet
     ort = optional_import(
         "onnxruntime", "the ort backends need onnxruntime", "pip install onnxruntime"
     )
-    if first and hasattr(ort, "disable_telemetry_events"):
-        ort.disable_telemetry_events()
+    if not _telemetry_off:
+        if hasattr(ort, "disable_telemetry_events"):
+            ort.disable_telemetry_events()  # the events of a process that imported it earlier
+        _telemetry_off = True
     return ort
+
+
+_telemetry_off = False
 
 
 def default_providers() -> list[str]:
