@@ -129,7 +129,8 @@ class _BucketPlan:
         buffers, streams, events and chunking with a plain CUDA copy in TensorRT's place."""
         plan = cls.__new__(cls)
         plan.bucket, plan.input_name, plan.output_names = bucket, input_name, output_names
-        plan.engine, plan.refit_report = None, {}
+        plan.engine = None  # type: ignore[assignment]  # no TensorRT engine behind it
+        plan.refit_report = {}
         plan._setup(context, max_batch)
         return plan
 

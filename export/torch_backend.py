@@ -251,7 +251,7 @@ def tf32_flags() -> dict[str, Any]:
     `fp32_precision` attributes ("ieee" or "tf32"; "none" follows the global one) where they
     exist, else the legacy `allow_tf32` booleans (deprecated from 2.9 on)."""
     backends = _torch().backends
-    conv = getattr(backends.cudnn, "conv", None)
+    conv: Any = getattr(backends.cudnn, "conv", None)
     if hasattr(conv, "fp32_precision") and hasattr(backends.cuda.matmul, "fp32_precision"):
         return {
             "cudnn.conv.fp32_precision": conv.fp32_precision,

@@ -74,14 +74,24 @@ def test_dry_run_passes_and_says_what_ran(stripped: Path, tmp_path: Path) -> Non
 
 
 def test_a_failing_case_or_step_fails_the_check(stripped: Path, tmp_path: Path) -> None:
+    """An absurdly tight tolerance fails the torch step's cases (run in this process: the step
+    is a function); a step that raises fails the whole check (its exit status)."""
+    import time
+
+    from interactive.bench.gpu_steps import step_torch
+
     restore_weights(stripped)
-    code, results, stderr = gpu_check(tmp_path, stripped, "--steps", "torch",
-                                      "--tolerance-scale", "1e-12")  # fmt: skip
-    assert code == 1 and steps(results)["torch"]["status"] == "failed", stderr
-    assert "step torch failed" in stderr
-    code, results, stderr = gpu_check(tmp_path / "b", stripped, "--steps", "plumbing",
-                                      "--fail-step", "plumbing")  # fmt: skip
-    assert code == 1 and "injected failure" in steps(results)["plumbing"]["reason"]
+    config = {"device": "cpu", "engine": str(stripped), "precisions": ["fp32"],
+              "batches": [1, 2, 1], "compile_precisions": [], "compile_s": 60,
+              "deadline": time.time() + 120}  # fmt: skip
+    assert step_torch(config)["status"] == "passed"
+    tight = step_torch(config | {"tolerance_scale": 1e-12})
+    assert tight["status"] == "failed" and tight["ran"] == ["torch-cpu"]
+    assert {c["status"] for c in tight["cases"]} == {"failed"}
+    assert step_torch(config | {"deadline": time.time()})["status"] == "skipped"  # no budget
+    code, results, stderr = gpu_check(tmp_path, stripped, "--steps", "machine",
+                                      "--fail-step", "machine")  # fmt: skip
+    assert code == 1 and "injected failure" in steps(results)["machine"]["reason"], stderr
 
 
 def test_a_required_backend_that_did_not_run_fails_the_check(

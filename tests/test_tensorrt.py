@@ -344,8 +344,13 @@ def test_plumbing_chunks_and_synchronises_every_batch() -> None:
 
 @pytest.mark.parametrize("refuse", ["shape", "address"])
 def test_refused_shapes_and_addresses_are_errors(refuse: str) -> None:
-    from interactive.bench.cuda_plumbing import INPUT, ROWS, CopyContext, HostRuntime
-    from interactive.bench.cuda_plumbing import runtime_in_use
+    from interactive.bench.cuda_plumbing import (
+        INPUT,
+        ROWS,
+        CopyContext,
+        HostRuntime,
+        runtime_in_use,
+    )
     from interactive.engines.tensorrt_backend import _BucketPlan
 
     runtime = HostRuntime()
