@@ -283,11 +283,13 @@ def test_plans_match_the_reference(engine_copy: Path, narrow_state_dict, precisi
     )
     facts = plan_facts(manifest, (256, 256), precision)
     assert facts is not None and facts["weight_stripped"] and facts["batch"]["max"] == 4
-    plan = engine_copy / facts["file"]
-    assert plan.stat().st_size < (engine_copy / "weights.bin").stat().st_size / 2  # no weights
     images = _images(4, n=6)  # 6 > max batch 4: two chunks through both streams
     backend = open_backend(manifest, "tensorrt", precision=precision)
     got = backend.run((256, 256), images)
+    # Weight-stripped: the refitter had weights to fill and none is left missing (a plan's
+    # size says little: a stripped plan holding many kernels may still be large).
+    refit = backend.plan((256, 256)).refit_report
+    assert refit["weights"] and refit["missing"] == [], refit
     backend.close()
     want = reference_features(SPEC, narrow_state_dict, torch.from_numpy(images))
     report = conformance_report(got, want, precision, f"tensorrt {precision}")
