@@ -10,15 +10,16 @@ OUT ?= out
 BENCH_ENGINE ?= engines/vgg16-last-p2-random0
 BENCH_ARGS ?=
 
-.PHONY: help install run test test-fast lint format typecheck clean gpu-check bench
+.PHONY: help install run test test-fast lint format typecheck clean gpu-check gpu-check-engine bench
 
 help:
 	@echo "make run [SOURCE=dir]  install, export the default engine for SOURCE's buckets, extract"
 	@echo "make test              install, lint, type-check and run the whole test suite"
 	@echo "make test-fast         the suite without the slow tests"
 	@echo "make bench [BENCH_ARGS=...]  backends vs autograd peers and floors (interactive bench)"
-	@echo "make gpu-check [WHEELS=dir]  on a GPU host: every GPU backend's conformance and benchmark,"
-	@echo "                       one results file (bench/gpu_check.py; no venv, uses python3)"
+	@echo "make gpu-check [WHEELS=dir] [GPU_CHECK_ARGS=...]  on a GPU host, 6 min: torch CUDA"
+	@echo "                       conformance, TensorRT plumbing, benchmark; one results file"
+	@echo "make gpu-check-engine  the check's engine without weights.bin, to carry (out/)"
 	@echo "make lint | format | typecheck | clean"
 
 $(BIN)/python:
@@ -72,9 +73,21 @@ $(TRT_STUBS)/.fixed: $(VENV)/.installed
 typecheck: install $(TRT_STUBS)/.fixed
 	$(BIN)/mypy runtime engines export/torch_backend.py
 
-# No venv and no install: the GPU host's own python3 (with torch) runs the check from this tree.
+# No venv and no install: the GPU host's own python3 (with torch) runs the check from this tree,
+# within 6 minutes. GPU_CHECK_ARGS: e.g. --require torch-cuda,cuda-plumbing,benchmark-cuda;
+# --dry-run runs the same steps on a CPU.
+GPU_CHECK_ARGS ?=
 gpu-check:
-	$(PYTHON) bench/gpu_check.py $(if $(WHEELS),--wheels $(WHEELS))
+	$(PYTHON) bench/gpu_check.py $(if $(WHEELS),--wheels $(WHEELS)) $(GPU_CHECK_ARGS)
+
+# On any machine with the venv: the full-width gpu-check engine without weights.bin (a few
+# hundred KiB: manifest and graph) in out/gpu-check-engine, to carry to the GPU host, where
+# the check rebuilds weights.bin from random:0 and verifies its sha256.
+gpu-check-engine: install
+	test -f out/gpu-check-full/manifest.json || $(BIN)/interactive export --weights random:0 \
+		--buckets 512x512 --no-validate --out out/gpu-check-full
+	$(BIN)/python -c "from pathlib import Path; from interactive.bench.gpu_engine import strip; \
+		strip(Path('out/gpu-check-full'), Path('out/gpu-check-engine'))"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache $(OUT)

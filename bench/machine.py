@@ -7,6 +7,7 @@ each result is then expressed as a fraction of.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import sys
@@ -93,38 +94,75 @@ def _rate(matmul: Any, n: int, seconds: float = 0.5) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def matmul_rates(device: str = "cpu", n: int = 2048) -> dict[str, float]:
-    """Measured matmul GFLOP/s per precision: the hardware limit each result is a fraction of.
+# n of the n x n x n matmul probe: 2048 keeps a CPU probe short; on a GPU 2048^3 is launch-bound
+# (microseconds per product), 8192^3 measures the tensor cores.
+PROBE_SIZES = {"cpu": 2048, "cuda": 8192}
+# CPU extensions that make bf16 matmuls native; without one, torch emulates bf16 (minutes per
+# probe on an AVX2 laptop).
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
-    CPU: numpy fp32 and torch fp32/bf16. CUDA: torch fp32 (TF32 off), bf16 and fp16.
-    """
+
+def emulated_reason(device: str, precision: str, flags: list[str] | None = None) -> str | None:
+    """Why a matmul probe at `precision` is left out on `device` (emulated), or None."""
+    if device != "cpu":
+        return None
+    flags = cpu_flags() if flags is None else flags
+    if precision == "bf16" and not set(NATIVE_BF16_FLAGS) & set(flags):
+        return (
+            f"bf16 matmul not probed: this CPU has none of {', '.join(NATIVE_BF16_FLAGS)} "
+            "(emulated bf16 would take minutes)"
+        )
+    if precision == "fp16":
+        return "fp16 matmul not probed on the CPU (no native fp16 GEMM in torch's CPU build)"
+    return None
+
+
+def probe_plan(
+    device: str, precisions: list[str] | tuple[str, ...], flags: list[str] | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """(precisions to probe, {precision: why not}) for the precisions a run benchmarks."""
+    probe, notes = [], {}
+    for precision in dict.fromkeys(precisions):
+        why = emulated_reason(device, precision, flags)
+        if why is None:
+            probe.append(precision)
+        else:
+            notes[precision] = why
+    return probe, notes
+
+
+def matmul_rates(
+    device: str = "cpu",
+    precisions: list[str] | tuple[str, ...] = ("fp32",),
+    n: int | None = None,
+) -> dict[str, float]:
+    """Measured matmul GFLOP/s for the benchmarked `precisions`: the hardware limit each result
+    is a fraction of (see `probe_plan` for what is skipped). CPU: numpy fp32 and torch; CUDA:
+    torch with TF32 off (`fp32_math`), n = PROBE_SIZES[device] unless given."""
     import numpy as np
     import torch
 
+    from interactive.export.torch_backend import fp32_math
+
+    n = n or PROBE_SIZES.get(device, 2048)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     rates: dict[str, float] = {}
-    if device == "cpu":
+    probe, _ = probe_plan(device, precisions)
+    if device == "cpu" and "fp32" in probe:
         a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
         rates["numpy-fp32"] = _rate(lambda: a @ a, n)
-    for precision, dtype in _torch_dtypes(device).items():
-        x = torch.randn(n, n, device=device).to(dtype)
+    tf32 = fp32_math() if device == "cuda" else contextlib.nullcontext()
+    with tf32:
+        for precision in probe:
+            x = torch.randn(n, n, device=device).to(dtypes[precision])
 
-        def product(x: torch.Tensor = x) -> None:
-            torch.matmul(x, x)
-            if device == "cuda":
-                torch.cuda.synchronize()
+            def product(x: torch.Tensor = x) -> None:
+                torch.matmul(x, x)
+                if device == "cuda":
+                    torch.cuda.synchronize()
 
-        torch.backends.cuda.matmul.allow_tf32 = False
-        rates[f"torch-{precision}"] = _rate(product, n)
+            rates[f"torch-{precision}"] = _rate(product, n)
     return rates
-
-
-def _torch_dtypes(device: str) -> dict[str, Any]:
-    import torch
-
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    if device == "cuda":
-        dtypes["fp16"] = torch.float16
-    return dtypes
 
 
 def peak_rate(rates: dict[str, float], precision: str) -> float | None:

@@ -16,7 +16,8 @@
   features cost without any backward pass.
 
 All run on `device` ("cpu" or "cuda") in fp32, or in bf16 autocast (`precision="bf16"`; on CUDA
-the input is channels_last, which the reference's NHWC -> NCHW permute already gives).
+the input is channels_last, which the reference's NHWC -> NCHW permute already gives). On CUDA
+TF32 is off, as in the torch backend.
 """
 
 from __future__ import annotations
@@ -42,9 +43,13 @@ FORWARD_CONFIG = "orig-avg"  # the forward-only floor's config (peer and engine 
 
 @contextlib.contextmanager
 def precision_scope(device: str, precision: str) -> Iterator[None]:
-    """Tensors made inside land on `device`; bf16/fp16 run under autocast."""
+    """Tensors made inside land on `device`; bf16/fp16 run under autocast. On CUDA, TF32 is
+    off (`fp32_math`), as in the torch backend, so that "vs reference" compares the same math."""
+    from interactive.export.torch_backend import fp32_math
+
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    with torch.device(device), torch.no_grad():
+    tf32 = fp32_math() if device.startswith("cuda") else contextlib.nullcontext()
+    with torch.device(device), torch.no_grad(), tf32:
         if precision == "fp32":
             yield
         elif precision in dtypes:

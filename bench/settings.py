@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per case")
     p.add_argument("--title", default="", help="heading of the Markdown section")
+    p.add_argument(
+        "--fail-on-target", action="store_true",
+        help="exit 1 when a speed target is missed (default: reported, not a failure)",
+    )  # fmt: skip
     p.add_argument("--compare", nargs=2, type=Path, metavar=("A.json", "B.json"))
     return p
 

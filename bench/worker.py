@@ -178,12 +178,14 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
 def run_matmul(case: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from interactive.bench.machine import matmul_rates
+    from interactive.bench.machine import matmul_rates, probe_plan
 
     set_threads(case["threads"])
+    precisions = case.get("precisions", ["fp32"])  # only those the run benchmarks
     return {
         "status": "ok",
-        "gflops": matmul_rates(case["device"]),
+        "gflops": matmul_rates(case["device"], precisions),
+        "not_probed": probe_plan(case["device"], precisions)[1],
         "torch_threads": torch.get_num_threads(),
     }
 

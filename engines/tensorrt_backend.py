@@ -111,16 +111,49 @@ class _BucketPlan:
                 f"TensorRT could not load {plan_name(bucket, precision)} (see its log); rebuild "
                 f"it with `{build_command(manifest, precision, [bucket], force=True)}`"
             )
-        _refit(logger, engine, manifest.directory / graph_name(bucket, precision))
+        self.refit_report = _refit(
+            logger, engine, manifest.directory / graph_name(bucket, precision)
+        )
         self.engine = engine
-        self.context = engine.create_execution_context()
-        width, height = bucket
-        self.max_batch = int(engine.get_tensor_profile_shape(self.input_name, 0)[2][0])
-        self.context.set_input_shape(self.input_name, (self.max_batch, height, width, 3))
+        max_batch = int(engine.get_tensor_profile_shape(self.input_name, 0)[2][0])
+        _check_output_dtypes(engine, self.output_names)
+        self._setup(engine.create_execution_context(), max_batch)
+
+    @classmethod
+    def for_context(
+        cls, context: Any, bucket: tuple[int, int], input_name: str, output_names: list[str],
+        max_batch: int,
+    ) -> _BucketPlan:  # fmt: skip
+        """A plan around any object with the execution context's four calls (set_input_shape,
+        get_tensor_shape, set_tensor_address, execute_async_v3): the GPU check runs the
+        buffers, streams, events and chunking with a plain CUDA copy in TensorRT's place."""
+        plan = cls.__new__(cls)
+        plan.bucket, plan.input_name, plan.output_names = bucket, input_name, output_names
+        plan.engine = None  # type: ignore[assignment]  # no TensorRT engine behind it
+        plan.refit_report = {}
+        plan._setup(context, max_batch)
+        return plan
+
+    def _setup(self, context: Any, max_batch: int) -> None:
+        self.context = context
+        self.max_batch = max_batch
+        self._set_shape(max_batch)
         self.row_shapes: dict[str, tuple[int, ...]] = {
-            name: self.context.get_tensor_shape(name)[1:] for name in self.output_names
+            name: tuple(self.context.get_tensor_shape(name))[1:] for name in self.output_names
         }
         self.slots = [self._slot() for _ in range(2)]
+
+    def _set_shape(self, rows: int) -> None:
+        width, height = self.bucket
+        if not self.context.set_input_shape(self.input_name, (rows, height, width, 3)):
+            raise EngineError(
+                f"TensorRT refused input shape {(rows, height, width, 3)} for bucket "
+                f"{format_size(self.bucket)} (profile 1..{getattr(self, 'max_batch', '?')})"
+            )
+
+    def _set_address(self, name: str, pointer: int) -> None:
+        if not self.context.set_tensor_address(name, pointer):
+            raise EngineError(f"TensorRT refused the device address of tensor {name!r}")
 
     def _slot(self) -> _Slot:
         rt = cudart_module()
@@ -164,10 +197,10 @@ class _BucketPlan:
             )
             cuda_call(rt.cudaEventRecord(slot.uploaded, upload))
             cuda_call(rt.cudaStreamWaitEvent(compute, slot.uploaded, 0))
-            self.context.set_input_shape(self.input_name, (rows, *images.shape[1:]))
-            self.context.set_tensor_address(self.input_name, slot.device_in)
+            self._set_shape(rows)
+            self._set_address(self.input_name, slot.device_in)
             for name, pointer in slot.device_out.items():
-                self.context.set_tensor_address(name, pointer)
+                self._set_address(name, pointer)
             if not self.context.execute_async_v3(int(compute)):
                 raise RuntimeError(f"TensorRT failed to enqueue bucket {format_size(self.bucket)}")
             for name, pinned_out in slot.pinned_out.items():
@@ -205,8 +238,9 @@ class _BucketPlan:
         self.slots = []
 
 
-def _refit(logger: trt.ILogger, engine: trt.ICudaEngine, graph: Path) -> None:
-    """Fill a weight-stripped engine with the weights its graph points to (weights.bin)."""
+def _refit(logger: trt.ILogger, engine: trt.ICudaEngine, graph: Path) -> dict[str, Any]:
+    """Fill a weight-stripped engine with the weights its graph points to; returns what the
+    refitter reported (weights it has, weights still missing), logged at debug level."""
     import tensorrt as trt
 
     refitter = trt.Refitter(engine, logger)
@@ -216,8 +250,34 @@ def _refit(logger: trt.ILogger, engine: trt.ICudaEngine, graph: Path) -> None:
         raise EngineError(
             f"TensorRT could not refit from {graph}: {'; '.join(errors) or 'see its log'}"
         )
+    report = refit_report(refitter)
+    log.debug("refit %s: %s", graph.name, report)
+    if report["missing"]:
+        raise EngineError(
+            f"TensorRT's refitter still misses {len(report['missing'])} weights of {graph.name} "
+            f"(first: {report['missing'][:3]})"
+        )
     if not refitter.refit_cuda_engine():
         raise EngineError(f"TensorRT could not refit the engine of {graph} (see its log)")
+    return report
+
+
+def refit_report(refitter: Any) -> dict[str, Any]:
+    """The refitter's view: every refittable weight's name and those still missing."""
+    return {
+        "weights": sorted(str(n) for n in refitter.get_all_weights()),
+        "missing": sorted(str(n) for n in refitter.get_missing_weights()),
+    }
+
+
+def _check_output_dtypes(engine: Any, names: list[str]) -> None:
+    """Every output is float32 (the host buffers are float32; the graph divides in float32)."""
+    import tensorrt as trt
+
+    wrong = {n: str(engine.get_tensor_dtype(n)) for n in names}
+    wrong = {n: t for n, t in wrong.items() if engine.get_tensor_dtype(n) != trt.DataType.FLOAT}
+    if wrong:
+        raise EngineError(f"TensorRT plan outputs are not float32: {wrong}")
 
 
 class TensorRTBackend(Backend):

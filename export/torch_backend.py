@@ -8,10 +8,11 @@ the minimal protobuf reader below, so that this backend needs torch but not the 
 Buffer names are the initializer names (`conv_3_2_weight`, ...): the ONNX exporter keeps them.
 
 Per bucket, `compile=True` gives a torch.compile'd graph specialised to that shape
-(dynamic=False); batches are padded to a power of two so that a bucket costs at most a dozen
-compilations however its batch sizes vary. fp16/bf16 hold the weights and run the convolutions
-in reduced precision, with the top gradient scaled by `seed_scale` so that nothing underflows
-(export/ALGORITHM.md section 6) and the activeness collection in float32.
+(dynamic=False); batches are padded (`padded_rows`: a power of two up to 8, then a multiple of
+8) so that a bucket costs a bounded number of compilations however its batch sizes vary.
+fp16/bf16 hold the weights and run the convolutions in reduced precision, with the top gradient
+scaled by `seed_scale` so that nothing underflows (export/ALGORITHM.md section 6) and the
+activeness collection in float32. On CUDA, TF32 is off at every precision (`fp32_math`).
 
 The backend lives beside the graph it runs (the runtime never imports interactive.export); torch
 and the graph module are imported only when it is used, so the registry probes
@@ -173,10 +174,13 @@ class TorchBackend(Backend):
         pixels = check_batch(bucket, images)
         torch = _torch()
         n = pixels.shape[0]
-        with torch.inference_mode(), self._cudnn_settings():
+        # no_grad, not inference_mode, around compiled graphs: torch.compile under
+        # inference_mode has a crash history (pytorch/pytorch#93042, #124111).
+        grad_mode = torch.no_grad() if self.compile else torch.inference_mode()
+        with grad_mode, self._cudnn_settings():
             x = torch.from_numpy(pixels if pixels.flags.writeable else pixels.copy())
             if self.compile:
-                rows = 1 << (n - 1).bit_length()  # the next power of two
+                rows = padded_rows(n)
                 if rows > n:
                     x = torch.cat([x, x.new_zeros((rows - n, *x.shape[1:]))])
                 graph = self._compiled_graph(bucket, rows)
@@ -190,22 +194,23 @@ class TorchBackend(Backend):
 
     @contextlib.contextmanager
     def _cudnn_settings(self) -> Iterator[None]:
-        """cuDNN autotuning on (buckets are static shapes), and TF32 off for fp32 engines.
+        """cuDNN autotuning on (buckets are static shapes), and TF32 off at every precision.
 
         PyTorch lets cuDNN run fp32 convolutions in TF32 by default: its 10-bit mantissa is
-        fp16's, and an fp32 engine must meet fp32's tolerance. Restored afterwards, since the
-        flags are global.
+        fp16's, and an fp32 engine must meet fp32's tolerance; fp16/bf16 engines keep float32
+        sums and box convolutions, which stay float32 too. Restored afterwards (global flags).
         """
         cudnn = _torch().backends.cudnn
         if self.device.type != "cuda":
             yield
             return
-        saved = cudnn.benchmark, cudnn.allow_tf32
-        cudnn.benchmark, cudnn.allow_tf32 = True, False
+        saved = cudnn.benchmark
+        cudnn.benchmark = True
         try:
-            yield
+            with fp32_math():
+                yield
         finally:
-            cudnn.benchmark, cudnn.allow_tf32 = saved
+            cudnn.benchmark = saved
 
     def _compiled_graph(self, bucket: tuple[int, int], rows: int) -> Callable[..., Any]:
         found = self._compiled.get((bucket, rows))
@@ -230,6 +235,62 @@ class TorchBackend(Backend):
         self._compiled.clear()
         if self.device.type == "cuda":
             _torch().cuda.empty_cache()
+
+
+def padded_rows(n: int) -> int:
+    """The batch a compiled graph runs for n images: the next power of two up to 8, then the
+    next multiple of 8. Each distinct value is one compilation; padding wastes at most 7 rows
+    past 8 (a pure power of two would waste up to half of a large batch's compute)."""
+    if n <= 8:
+        return 1 << (n - 1).bit_length()
+    return -(-n // 8) * 8
+
+
+def tf32_flags() -> dict[str, Any]:
+    """The TF32 switches of cuDNN convolutions and cuBLAS matmuls, by name: torch >= 2.9's
+    `fp32_precision` attributes ("ieee" or "tf32"; "none" follows the global one) where they
+    exist, else the legacy `allow_tf32` booleans (deprecated from 2.9 on)."""
+    backends = _torch().backends
+    conv: Any = getattr(backends.cudnn, "conv", None)
+    if hasattr(conv, "fp32_precision") and hasattr(backends.cuda.matmul, "fp32_precision"):
+        return {
+            "cudnn.conv.fp32_precision": conv.fp32_precision,
+            "cuda.matmul.fp32_precision": backends.cuda.matmul.fp32_precision,
+        }
+    return {
+        "cudnn.allow_tf32": backends.cudnn.allow_tf32,
+        "cuda.matmul.allow_tf32": backends.cuda.matmul.allow_tf32,
+    }
+
+
+def set_tf32_flags(flags: dict[str, Any]) -> None:
+    backends = _torch().backends
+    for name, value in flags.items():
+        *path, attr = name.split(".")
+        target = backends
+        for part in path:
+            target = getattr(target, part)
+        setattr(target, attr, value)
+
+
+def tf32_off_flags() -> dict[str, Any]:
+    """What `fp32_math` sets: every switch of `tf32_flags` to full fp32."""
+    return {k: ("ieee" if k.endswith("fp32_precision") else False) for k in tf32_flags()}
+
+
+@contextlib.contextmanager
+def fp32_math() -> Iterator[dict[str, Any]]:
+    """TF32 off for cuDNN convolutions and cuBLAS matmuls inside, restored on the way out
+    (the flags are process-wide). Yields the flags it set. The torch backend, the benchmark's
+    reference peer and its matmul probe all run under it, so "fp32" means fp32 on a GPU and
+    "vs reference" compares like with like."""
+    saved = tf32_flags()
+    wanted = tf32_off_flags()
+    set_tf32_flags(wanted)
+    try:
+        yield wanted
+    finally:
+        set_tf32_flags(saved)
 
 
 def _resolve_device(device: str) -> str:

@@ -77,7 +77,8 @@ def check_schema(run: dict[str, Any], reps: int) -> None:
     assert run["machine"]["cpu"] and isinstance(run["machine"]["flags"], list)
     assert run["machine"]["versions"]["onnxruntime"] and run["machine"]["versions"]["torch"]
     rates = run["matmul"]["gflops"]
-    assert rates["torch-fp32"] > 0 and rates["torch-bf16"] > 0 and rates["numpy-fp32"] > 0
+    assert rates["torch-fp32"] > 0 and rates["numpy-fp32"] > 0
+    assert "torch-bf16" not in rates  # only the precisions benchmarked (fp32) are probed
     assert run["cost"][BUCKET]["interactive"]["gflop"] > run["cost"][BUCKET]["forward"]["gflop"]
     for case in ok_cases(run):
         assert len(case["samples_s"]) == reps and all(s > 0 for s in case["samples_s"])
@@ -206,6 +207,10 @@ def test_conformance_verdicts(tmp_path: Path) -> None:
     assert exit_status(run) == 0
     run["cases"][3]["conformance"]["ok"] = False  # a peer's verdict does not gate the run
     assert exit_status(run) == 0
+    run["targets"] = [{"case": 1, "target": "at least 1.8x", "ratio": "vs_reference",
+                       "value": 1.2, "limit": 1.8, "met": False}]  # fmt: skip
+    assert exit_status(run) == 0  # a missed speed target is reported, not a failure ...
+    assert exit_status(run, fail_on_target=True) == 1  # ... unless --fail-on-target
     run["cases"][4]["bucket"] = [64, 64]  # now judged: the backend lacks the heatmap output
     add_conformance(run)
     assert run["cases"][4]["conformance"]["ok"] is False
@@ -317,3 +322,39 @@ def test_profile_aggregation_drops_the_warm_up() -> None:
         ("Mul", 0.25),
     ]
     assert result["by_node"][0] == {"name": "a", "ms_per_run": 0.03, "share": 0.75, "op": "Conv"}
+
+
+def test_matmul_probes_only_what_runs_natively() -> None:
+    from interactive.bench.machine import PROBE_SIZES, probe_plan
+
+    avx2 = ["avx2"]
+    assert probe_plan("cpu", ["fp32", "bf16"], avx2)[0] == ["fp32"]
+    assert "avx512_bf16" in probe_plan("cpu", ["fp32", "bf16"], avx2)[1]["bf16"]
+    assert probe_plan("cpu", ["bf16"], ["avx2", "avx512_bf16"]) == (["bf16"], {})
+    assert probe_plan("cpu", ["bf16"], ["amx_tile", "amx_bf16"]) == (["bf16"], {})
+    assert probe_plan("cpu", ["fp32", "fp32"], avx2) == (["fp32"], {})
+    assert probe_plan("cuda", ["fp32", "fp16", "bf16"], [])[0] == ["fp32", "fp16", "bf16"]
+    assert PROBE_SIZES["cuda"] == 8192  # 2048^3 is launch-bound on a GPU
+
+
+def test_reference_peer_runs_with_tf32_off_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The peers' precision scope enters fp32_math on CUDA (as the torch backend does)."""
+    import contextlib
+
+    from interactive.bench import peers
+    from interactive.export import torch_backend
+
+    entered = []
+
+    @contextlib.contextmanager
+    def spy():  # type: ignore[no-untyped-def]
+        entered.append(True)
+        yield {}
+
+    monkeypatch.setattr(torch_backend, "fp32_math", spy)
+    # torch.device("cuda") may refuse on a CPU build
+    with contextlib.suppress(RuntimeError), peers.precision_scope("cuda", "fp32"):
+        pass
+    with peers.precision_scope("cpu", "fp32"):
+        pass
+    assert entered == [True]

@@ -106,3 +106,31 @@ def test_gpu_provider_matches_reference(name: str, narrow_engine: Path, narrow_s
         images = _random_batch(rng, (256, 256), 3)
         got = ex.backend.run((256, 256), images)
     assert_close(got, reference_features(SPEC, narrow_state_dict, torch.from_numpy(images)))
+
+
+def test_fp32_promises_no_tf32(
+    narrow_engine: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ort-cuda: the provider's use_tf32 off. ort-tensorrt: its provider has no TF32 option, so
+    fp32 sessions set NVIDIA_TF32_OVERRIDE=0 before TensorRT builds (a caller's value is kept);
+    fp16 leaves it alone. The session itself is stubbed: no GPU here."""
+    import os
+
+    from interactive.runtime.backends.ort import TF32_OVERRIDE, OrtBackend
+
+    manifest = EngineManifest.load(narrow_engine)
+    cuda = OrtCudaBackend(manifest)
+    assert cuda.providers[0][1]["use_tf32"] == "0"
+    monkeypatch.setattr(OrtBackend, "session", lambda self, bucket: "session")
+    for precision, preset, expected in (("fp16", None, None), ("fp32", None, "0"),
+                                        ("fp32", "1", "1")):  # fmt: skip
+        if preset is None:
+            monkeypatch.delenv(TF32_OVERRIDE, raising=False)
+        else:
+            monkeypatch.setenv(TF32_OVERRIDE, preset)
+        backend = OrtTensorrtBackend(manifest, precision=precision, cache_dir=tmp_path)
+        assert backend.session((288, 224)) == "session"
+        assert os.environ.get(TF32_OVERRIDE) == expected, (precision, preset)
+        options = backend.provider_options((288, 224))
+        assert options["trt_fp16_enable"] is (precision == "fp16")
+        assert not any("tf32" in key for key in options)  # ORT documents no such key

@@ -283,11 +283,13 @@ def test_plans_match_the_reference(engine_copy: Path, narrow_state_dict, precisi
     )
     facts = plan_facts(manifest, (256, 256), precision)
     assert facts is not None and facts["weight_stripped"] and facts["batch"]["max"] == 4
-    plan = engine_copy / facts["file"]
-    assert plan.stat().st_size < (engine_copy / "weights.bin").stat().st_size / 2  # no weights
     images = _images(4, n=6)  # 6 > max batch 4: two chunks through both streams
     backend = open_backend(manifest, "tensorrt", precision=precision)
     got = backend.run((256, 256), images)
+    # Weight-stripped: the refitter had weights to fill and none is left missing (a plan's
+    # size says little: a stripped plan holding many kernels may still be large).
+    refit = backend.plan((256, 256)).refit_report
+    assert refit["weights"] and refit["missing"] == [], refit
     backend.close()
     want = reference_features(SPEC, narrow_state_dict, torch.from_numpy(images))
     report = conformance_report(got, want, precision, f"tensorrt {precision}")
@@ -313,3 +315,48 @@ def test_foreign_plans_are_refused_and_lazy_plans_built(engine_copy: Path) -> No
     assert plan_facts(EngineManifest.load(engine_copy), (288, 224), "fp32") is not None
     assert set(got) == set(manifest.outputs)
     backend.close()
+
+
+# --- the backend's CUDA plumbing, on an emulated CUDA runtime -------------------------------
+
+
+def test_plumbing_chunks_and_synchronises_every_batch() -> None:
+    """_BucketPlan.run (pinned buffers, two streams, events, chunks through both slots) around a
+    copying context on HostRuntime, whose copies run only when the host waits on an event: every
+    output byte checked, every buffer freed; a collect that skips the wait reads stale bytes."""
+    from interactive.bench.cuda_plumbing import HostRuntime, exercise
+    from interactive.engines import tensorrt_backend
+
+    runtime = HostRuntime()
+    report = exercise(runtime, batches=(1, 4, 9, 3))
+    assert report["mismatches"] == [] and report["chunks"] == 1 + 1 + 3 + 1
+    assert runtime.buffers == {} and runtime.queue == []
+
+    def no_wait(self, slot, results):  # type: ignore[no-untyped-def]
+        if slot.rows is not None:
+            start, stop = slot.rows
+            for name, pinned in slot.pinned_out.items():
+                results[name][start:stop] = pinned.array[: stop - start]
+            slot.rows = None
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tensorrt_backend._BucketPlan, "_collect", no_wait)
+        assert exercise(HostRuntime(), batches=(2,))["mismatches"]
+
+
+@pytest.mark.parametrize("refuse", ["shape", "address"])
+def test_refused_shapes_and_addresses_are_errors(refuse: str) -> None:
+    from interactive.bench.cuda_plumbing import (
+        INPUT,
+        ROWS,
+        CopyContext,
+        HostRuntime,
+        runtime_in_use,
+    )
+    from interactive.engines.tensorrt_backend import _BucketPlan
+
+    runtime = HostRuntime()
+    with runtime_in_use(runtime), pytest.raises(EngineError, match="refused"):
+        context = CopyContext(runtime, (32, 32), refuse=refuse)
+        plan = _BucketPlan.for_context(context, (32, 32), INPUT, list(ROWS), 2)
+        plan.run(np.zeros((1, 32, 32, 3), np.uint8), 1, 2)

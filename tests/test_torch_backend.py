@@ -231,3 +231,49 @@ def test_importing_the_module_imports_no_torch() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_compiled_batches_pad_to_a_power_of_two_then_multiples_of_eight() -> None:
+    from interactive.export.torch_backend import padded_rows
+
+    assert [padded_rows(n) for n in (1, 2, 3, 5, 8, 9, 17, 33, 64)] == [
+        1, 2, 4, 8, 8, 16, 24, 40, 64
+    ]  # fmt: skip
+    assert all(padded_rows(n) - n < 8 for n in range(8, 300))  # at most 7 wasted rows past 8
+
+
+def test_fp32_math_turns_tf32_off_and_restores_it() -> None:
+    """The flags are process-wide: set inside, the caller's values back afterwards (checked on
+    the CPU build, whose torch has the same switches)."""
+    from interactive.export.torch_backend import fp32_math, set_tf32_flags, tf32_flags
+
+    before = tf32_flags()
+    set_tf32_flags(dict.fromkeys(before, "tf32" if "precision" in next(iter(before)) else True))
+    tf32_on = tf32_flags()
+    with fp32_math() as wanted:
+        assert tf32_flags() == wanted
+        assert set(wanted.values()) <= {"ieee", False}
+    assert tf32_flags() == tf32_on
+    set_tf32_flags(before)
+
+
+def test_compiled_graphs_run_under_no_grad(
+    manifest: EngineManifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch.compile under inference_mode has a crash history: compiled runs use no_grad (a
+    stand-in for the compiled graph records the grad mode it was called in)."""
+    import torch
+
+    backend = TorchBackend(manifest, device="cpu", compile=True)
+    seen = []
+
+    def fake_graph(bucket: tuple[int, int], rows: int):  # type: ignore[no-untyped-def]
+        def run(x):  # type: ignore[no-untyped-def]
+            seen.append((rows, torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
+            return backend.module(x)
+
+        return run
+
+    monkeypatch.setattr(backend, "_compiled_graph", fake_graph)
+    backend.run(BUCKET, images(3))
+    assert seen == [(4, False, False)]

@@ -36,6 +36,7 @@ from .sessions import (
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 TENSORRT_PROVIDER = "TensorrtExecutionProvider"
+TF32_OVERRIDE = "NVIDIA_TF32_OVERRIDE"
 ORT_OPTIONS = frozenset(
     {"precision", "providers", "max_open_buckets", "threads", "prepack", "release_memory"}
 )
@@ -209,9 +210,12 @@ class OrtTensorrtBackend(OrtBoundBackend):
 
     TensorRT builds its engine on a bucket's first session and caches it under `cache_dir`
     (default ENGINE_DIR/ort-tensorrt-cache), with one optimisation profile for batches
-    1..`max_batch` (default 8). `precision`: "fp32" or "fp16" (TensorRT's own mixed precision
-    on the exported graph; the conformance suite checks it against the tolerances of
-    export/ALGORITHM.md).
+    1..`max_batch` (default 8). `precision`: "fp32" (TF32 off through NVIDIA_TF32_OVERRIDE=0,
+    the provider having no option for it) or "fp16" (`trt_fp16_enable`: TensorRT's weakly typed
+    mixed precision on the exported float32 graph, deprecated since TensorRT 10.12 but the only
+    reduced-precision switch ORT's provider offers beside `trt_bf16_enable`; the `tensorrt`
+    backend builds strongly typed networks instead). The conformance suite checks both against
+    the tolerances of export/ALGORITHM.md.
     `device`: "cuda" or "cuda:N"; `workspace_gb`: TensorRT's builder workspace.
     """
 
@@ -248,6 +252,12 @@ class OrtTensorrtBackend(OrtBoundBackend):
     def session(self, bucket: tuple[int, int]) -> Any:
         # The profile names this bucket's shapes, so each bucket gets its own provider options.
         if bucket not in self._sessions:
+            if self.precision == "fp32":
+                # ORT's TensorRT provider has no TF32 option (its keys: trt_fp16_enable,
+                # trt_bf16_enable, trt_int8_enable, ...), and TensorRT's builder allows TF32 by
+                # default: NVIDIA's libraries read NVIDIA_TF32_OVERRIDE=0 to turn it off. It is
+                # process-wide; a value the caller set is kept.
+                os.environ.setdefault(TF32_OVERRIDE, "0")
             self.providers = [
                 (TENSORRT_PROVIDER, self.provider_options(bucket)),
                 (CUDA_PROVIDER, {"device_id": self.device_id}),
