@@ -80,7 +80,18 @@ _worker_manifest: EngineManifest | None = None
 def _init_worker(engine: str, job_pid: int) -> None:
     global _worker_manifest
     _die_with_the_job(job_pid)
+    _leave_signals_to_the_job()
     _worker_manifest = EngineManifest.load(engine)
+
+
+def _leave_signals_to_the_job() -> None:
+    """Ctrl-C reaches the whole foreground process group: a worker ignores it and the job (the
+    parent) stops, shutting the pool down, so no worker prints its own KeyboardInterrupt
+    traceback. SIGTERM gets its default action back: a forked worker would otherwise inherit the
+    CLI's handler (raise Terminated) and print a traceback; the job handles its own SIGTERM.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _die_with_the_job(job_pid: int) -> None:
