@@ -110,7 +110,9 @@ def check_output(output: str | os.PathLike[str], needed_bytes: int = 0) -> Path:
     except OSError as err:
         reason = err.strerror or str(err)
         failed = os.fspath(err.filename) if err.filename else None
-        if failed and Path(failed) not in (probe, target):  # a directory on the way
+        if isinstance(err, FileExistsError) and failed:  # mkdir: a file on the way
+            reason = f"{display_name(failed)} is not a directory"
+        elif failed and Path(failed) not in (probe, target):  # a directory on the way
             reason += f" ({display_name(failed)})"
         raise OutputError(f"cannot write -o {shown}: {reason}") from None
     finally:
