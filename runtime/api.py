@@ -12,7 +12,14 @@ import numpy as np
 
 from .backends import Backend, open_backend
 from .batching import batches_by_bucket
-from .images import DEFAULT_MAX_PIXELS, ImageError, ImageSource, PreparedImage, prepare_image
+from .images import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    ImageSource,
+    PreparedImage,
+    describe,
+    prepare_image,
+)
 from .manifest import EngineManifest, heatmap_name
 from .settings import NORMALIZATIONS
 
@@ -127,6 +134,9 @@ class Extractor:
             return self.prepare(source)
         except ImageError as err:
             return str(err)
+        except Exception as err:  # a decoder bug must cost one row, never the whole call
+            kind = type(err).__name__
+            return f"{describe(source)}: unexpected error while decoding: {kind}: {err}"
 
     def extract_prepared(
         self, items: Iterable[tuple[int, PreparedImage | str]], n: int, batch_size: int = 16

@@ -1,23 +1,30 @@
 """`interactive`: export engines, show buckets, extract features to Parquet.
 
 Exit codes: 0 success; 1 a fatal error (bad engine, unwritable output, failed export); 2 bad
-usage; 3 the command finished but some images failed (their rows say why).
+usage; 3 the command finished but some images failed (their rows say why); 130 interrupted
+(Ctrl-C), 143 terminated (SIGTERM). Every failure is one line on stderr, no traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .buckets import all_buckets, bucket_for, format_size, parse_size
 from .manifest import EngineError
 from .optional import optional_import
+from .paths import ESCAPE_ERRORS, display_name
 from .registry import BACKENDS
 from .settings import (
     DEFAULT_AREA_SIDE,
@@ -35,21 +42,123 @@ COMMON = argparse.ArgumentParser(add_help=False)
 COMMON.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt: the same cleanup runs (finally
+    blocks, decoding pools shut down, temporary files removed) before `main` returns 143."""
+
+
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 128 + signal.SIGTERM
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every failure a user can cause ends in one line on stderr
+    (`interactive CMD: error: ...`) and its exit code, never a traceback (but with
+    `--log-level debug`)."""
+    _text_streams()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(message)s")
+    command = f"interactive {args.command}"
+    signals = _SignalGuard()
     try:
-        return int(args.handler(args))
-    except (EngineError, ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"interactive {args.command}: error: {err}", file=sys.stderr)
-        return EXIT_FATAL
+        with signals:
+            return int(args.handler(args))
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Terminated:
+        print(f"{command}: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except BrokenPipeError:  # `interactive buckets | head`
         sys.stderr.close()
         return EXIT_OK
-    except KeyboardInterrupt:
-        print(f"interactive {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except Exception as err:
+        if signals.terminated:  # e.g. a worker that the same SIGTERM killed first
+            print(f"{command}: terminated", file=sys.stderr)
+            return EXIT_TERMINATED
+        print(f"{command}: error: {error_line(err)}", file=sys.stderr)
+        if args.log_level == "debug":
+            traceback.print_exc()
+        return EXIT_FATAL
+
+
+# The errors that explain themselves: their message is the line. Anything else is unexpected
+# and its line names its type.
+_EXPECTED = (EngineError, ValueError, RuntimeError)
+
+
+def error_line(err: BaseException) -> str:
+    """One line for `err`: an OSError as `NAME: reason`, an expected error as its message,
+    anything else as `Type: message` with a hint to rerun with `--log-level debug`."""
+    try:
+        return _error_line(err)
+    except Exception:  # the last resort must not fail itself
+        return ascii(f"{type(err).__name__}: {err!r}")
+
+
+def _error_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        names = [display_name(os.fsdecode(n)) for n in (err.filename, err.filename2) if n]
+        text = f"{' -> '.join(names)}: {err.strerror}" if names else err.strerror
+    elif isinstance(err, (OSError, *_EXPECTED)):
+        text = str(err) or type(err).__name__
+    else:
+        text = f"{type(err).__name__}: {err} (a bug? rerun with --log-level debug for details)"
+    return " ".join(display_name(text).split())
+
+
+def _text_streams() -> None:
+    """Let stdout and stderr print any file name: a byte of a name that is not valid UTF-8
+    comes out as `\\xNN` (as in the `path` column) rather than as a UnicodeEncodeError at the
+    end of a long run."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            with contextlib.suppress(ValueError, OSError):  # a closed or exotic stream
+                reconfigure(errors=ESCAPE_ERRORS)
+
+
+class _SignalGuard:
+    """While a command runs, SIGTERM raises Terminated in the main thread (once: a second SIGTERM
+    during the cleanup is ignored, so the cleanup finishes); the old handler comes back after."""
+
+    def __init__(self) -> None:
+        self.terminated = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _SignalGuard:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _on_sigterm(self, signum: int, frame: object) -> None:
+        if not self.terminated:
+            self.terminated = True
+            raise Terminated()
+
+
+def positive_int(text: str) -> int:
+    """argparse `type=` for counts that must be at least 1: anything else is bad usage (exit 2)."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse `type=` for counts where 0 means "automatic"."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,7 +205,7 @@ def _engine_options(p: argparse.ArgumentParser, output: str, batch_size: int = 0
     p.add_argument("-o", "--output", required=True, type=Path, help=output)
     if batch_size:
         p.add_argument("--backend", default="auto", choices=BACKENDS)
-        p.add_argument("--batch-size", type=int, default=batch_size)
+        p.add_argument("--batch-size", type=positive_int, default=batch_size)
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -228,7 +337,9 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     _engine_options(p, "output .parquet file", batch_size=8)
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: all cores)")
+    p.add_argument(
+        "--threads", type=non_negative_int, default=0, help="ONNX Runtime threads (0: all cores)"
+    )
 
 
 def _run_extract(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ The CLI's `extract` command and `make run` (interactive.export.quickstart) both 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -13,8 +14,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .api import Extractor
+from .atomic import temporary_name
 from .buckets import format_size
 from .parquet import features_table, write_table
+from .paths import display_name
+
+# Bytes per row besides the features (path, sizes, bucket, status, Parquet overhead): a rough
+# allowance for the free-space check, which only needs the order of magnitude.
+ROW_OVERHEAD = 512
+
+
+class OutputError(ValueError):
+    """`-o` cannot be written (missing permission, read-only or full filesystem...), found before
+    any image is read."""
 
 
 @dataclass
@@ -51,12 +63,14 @@ def extract_to_parquet(
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     extractor = Extractor.open(engine, backend=backend, threads=threads)
+    row_bytes = 4 * sum(extractor.manifest.layer_dims.values()) + ROW_OVERHEAD
+    check_output(output, len(images) * row_bytes)
     started = time.perf_counter()
     features = extractor.extract(images, batch_size=batch_size)
     seconds = time.perf_counter() - started
     data = extractor.manifest.data
     metadata = {
-        "interactive.engine": str(engine),
+        "interactive.engine": display_name(os.fspath(engine)),
         "interactive.weights": data["weights"]["source"],
         "interactive.manifest": json.dumps(
             {k: v for k, v in data.items() if k not in ("weights", "buckets")}
@@ -71,3 +85,54 @@ def extract_to_parquet(
         by_bucket=dict(Counter(format_size(b) for b in features.buckets if b)),
         errors=[reason for _, reason in sorted(features.errors.items())],
     )
+
+
+def check_output(output: str | os.PathLike[str], needed_bytes: int = 0) -> Path:
+    """Raise OutputError unless the file `output` can be written, before the work it would hold.
+
+    Its directory is created if missing, a temporary file is written there, synced and removed
+    (a read-only, full or forbidden location fails here), and the filesystem must have about
+    `needed_bytes` free. Nothing is left behind.
+    """
+    target = Path(output)
+    shown = display_name(os.fspath(target))
+    if target.is_dir():
+        raise OutputError(f"cannot write -o {shown}: is a directory (give a .parquet file name)")
+    probe, created = temporary_name(target), False
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            created = True
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        free = _free_bytes(target.parent)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        failed = os.fspath(err.filename) if err.filename else None
+        if isinstance(err, FileExistsError) and failed:  # mkdir: a file on the way
+            reason = f"{display_name(failed)} is not a directory"
+        elif failed and Path(failed) not in (probe, target):  # a directory on the way
+            reason += f" ({display_name(failed)})"
+        raise OutputError(f"cannot write -o {shown}: {reason}") from None
+    finally:
+        if created:
+            probe.unlink(missing_ok=True)
+    if free is not None and free < needed_bytes:
+        raise OutputError(
+            f"cannot write -o {shown}: {os.strerror(errno.ENOSPC)} (the output needs about "
+            f"{_mib(needed_bytes)}, {_mib(free)} free in {display_name(os.fspath(target.parent))})"
+        )
+    return target
+
+
+def _free_bytes(directory: Path) -> int | None:
+    try:
+        info = os.statvfs(directory)
+    except (OSError, AttributeError):  # no statvfs (Windows): the probe file must do
+        return None
+    return info.f_bavail * info.f_frsize
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"

@@ -1,9 +1,9 @@
 """Decoding input images into RGB pixel arrays at their bucket size (export/ALGORITHM.md
 section 2, steps 1-2).
 
-Every failure caused by the input itself (missing or empty file, not an image, truncated data,
-decompression bomb, unsupported array) is an ``ImageError`` whose message names the input and the
-reason, so a batch run can log it and go on with the next image.
+Every failure caused by the input itself (missing, unreadable, empty or special file, not an
+image, truncated data, decompression bomb, unsupported array) is an ``ImageError`` whose message
+names the input and the reason, so a batch run can log it and go on with the next image.
 
 Policies a caller may care about:
 
@@ -21,6 +21,7 @@ Policies a caller may care about:
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import stat
@@ -32,6 +33,8 @@ from typing import TypeAlias
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
+
+from .paths import display_name
 
 ImageSource: TypeAlias = str | os.PathLike[str] | bytes | np.ndarray
 
@@ -93,7 +96,8 @@ class PreparedImage:
 def describe(source: object) -> str:
     """A short label for ``source`` in messages.
 
-    The path, ``<bytes 1234>``, ``<array 3x4x3 uint8>``, or ``<TypeName>`` for anything else.
+    The path (as text: a name that is not valid UTF-8 has its undecodable bytes as ``\\xNN``),
+    ``<bytes 1234>``, ``<array 3x4x3 uint8>``, or ``<TypeName>`` for anything else.
     """
     if isinstance(source, np.ndarray):
         shape = "x".join(str(n) for n in source.shape)
@@ -101,7 +105,7 @@ def describe(source: object) -> str:
     if isinstance(source, bytes | bytearray | memoryview):
         return f"<bytes {len(source)}>"
     if isinstance(source, str | os.PathLike):
-        return os.fsdecode(source)
+        return display_name(os.fsdecode(source))
     return f"<{type(source).__name__}>"
 
 
@@ -109,20 +113,82 @@ def describe(source: object) -> str:
 # Opening (header only)
 
 
+_FILE_KINDS = (
+    (stat.S_ISFIFO, "FIFO"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+    (stat.S_ISSOCK, "socket"),
+)
+# Reasons for the errno of a failed stat, open or read: the file's fault, said plainly.
+_ERRNO_REASONS = {
+    errno.ENOENT: "no such file",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied (operation not permitted)",
+    errno.EISDIR: "is a directory, not an image file",
+    errno.ENOTDIR: "no such file (a component of the path is not a directory)",
+    errno.ENAMETOOLONG: "file name too long",
+    errno.ELOOP: "too many levels of symbolic links (a symlink loop?)",
+    errno.EIO: "input/output error while reading (failing disk or network filesystem?)",
+}
+
+
+def os_error_reason(err: OSError) -> str:
+    """A short reason for a file-level OSError (no errno: its message)."""
+    reason = _ERRNO_REASONS.get(err.errno) if err.errno is not None else None
+    if reason is not None:
+        return reason
+    return f"cannot read file: {err.strerror or err}"
+
+
+def _pseudo_filesystems() -> frozenset[int]:
+    """Device ids of /proc and /sys, whose files claim size 0 whatever they hold."""
+    devices = set()
+    for root in ("/proc", "/sys"):
+        with contextlib.suppress(OSError):
+            devices.add(os.stat(root).st_dev)
+    return frozenset(devices)
+
+
+_PSEUDO_DEVICES: frozenset[int] | None = None
+
+
+def _is_pseudo_file(info: os.stat_result) -> bool:
+    global _PSEUDO_DEVICES
+    if _PSEUDO_DEVICES is None:
+        _PSEUDO_DEVICES = _pseudo_filesystems()
+    return info.st_dev in _PSEUDO_DEVICES
+
+
 def _stat_file(path: str, label: str) -> None:
-    """Turn the common file-level problems into clear reasons before Pillow sees the file."""
+    """Turn the common file-level problems into clear reasons before Pillow sees the file.
+
+    Only a regular file is ever opened: a FIFO would block the reader for ever, a device could
+    stream without end.
+    """
     try:
         info = os.stat(path)
     except FileNotFoundError:
+        if os.path.islink(path):
+            raise ImageError(label, f"broken symbolic link (to {_link_target(path)})") from None
         raise ImageError(label, "no such file") from None
-    except PermissionError:
-        raise ImageError(label, "permission denied") from None
     except OSError as e:
-        raise ImageError(label, f"cannot read file: {e.strerror or e}") from None
+        raise ImageError(label, os_error_reason(e)) from None
     if stat.S_ISDIR(info.st_mode):
         raise ImageError(label, "is a directory, not an image file")
+    if not stat.S_ISREG(info.st_mode):
+        kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "special")
+        raise ImageError(label, f"not a regular file ({kind}); not opened")
+    if _is_pseudo_file(info):
+        raise ImageError(label, "not a regular file (/proc or /sys pseudo-file); not opened")
     if info.st_size == 0:
         raise ImageError(label, "empty file")
+
+
+def _link_target(path: str) -> str:
+    try:
+        return display_name(os.readlink(path))
+    except OSError:
+        return "?"
 
 
 def _file_object(source: object, label: str) -> str | io.BytesIO:
@@ -164,9 +230,10 @@ def _opened(source: object, label: str, max_pixels: int) -> Iterator[Image.Image
         raise ImageError(label, "not an image (cannot identify format)") from None
     except Image.DecompressionBombError as e:
         raise ImageError(label, f"refused as a possible decompression bomb: {e}") from None
-    except FileNotFoundError:
-        # The file vanished between the stat and the open.
-        raise ImageError(label, "no such file") from None
+    except OSError as e:
+        if e.errno is not None:  # the file's own problem (permission, vanished, I/O), not data
+            raise ImageError(label, os_error_reason(e)) from None
+        raise ImageError(label, f"corrupt image header: {e}") from None
     except _DECODE_ERRORS as e:
         raise ImageError(label, f"corrupt image header: {e}") from None
     with im:
@@ -243,6 +310,10 @@ def _decode(
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im.load()
             ImageOps.exif_transpose(im, in_place=True)
+    except OSError as e:
+        if e.errno is not None:
+            raise ImageError(label, os_error_reason(e)) from None
+        raise ImageError(label, f"truncated or corrupt image data: {e}") from None
     except _DECODE_ERRORS as e:
         raise ImageError(label, f"truncated or corrupt image data: {e}") from None
     return im, drafted

@@ -80,7 +80,41 @@ _worker_manifest: EngineManifest | None = None
 def _init_worker(engine: str, job_pid: int) -> None:
     global _worker_manifest
     _die_with_the_job(job_pid)
+    _leave_signals_to_the_job()
     _worker_manifest = EngineManifest.load(engine)
+
+
+# How long a worker outlives a SIGTERM when the job does not stop it first (see below).
+TERM_GRACE_S = 5.0
+
+
+def _leave_signals_to_the_job() -> None:
+    """Signals that reach the whole process group (Ctrl-C; SIGTERM from systemd or a batch
+    scheduler) are the job's to handle: it stops, shuts the pool down and each worker leaves
+    after the image in hand, so nothing prints a traceback and nothing is left half-done.
+
+    SIGINT is ignored here. SIGTERM must not kill a worker at once either: dying in the middle of
+    sending a decoded image would leave half a message in the pool's shared result pipe, and the
+    job would wait on it for ever. A worker given SIGTERM carries on and leaves on its own only if
+    the pool has not stopped it within TERM_GRACE_S (the pool itself terminates its workers with
+    SIGTERM when one of them crashes). This also replaces the CLI's SIGTERM handler, which a
+    forked worker inherits.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _leave_soon)
+
+
+_leaving = False
+
+
+def _leave_soon(signum: int, frame: object) -> None:
+    global _leaving
+    if _leaving:
+        return
+    _leaving = True
+    timer = threading.Timer(TERM_GRACE_S, os._exit, args=(128 + signal.SIGTERM,))
+    timer.daemon = True
+    timer.start()
 
 
 def _die_with_the_job(job_pid: int) -> None:

@@ -15,6 +15,7 @@ from .api import Features, check_normalize, l2_normalize
 from .atomic import atomic_path
 from .buckets import format_size
 from .manifest import heatmap_name
+from .paths import display_name, name_bytes
 
 
 def features_table(
@@ -28,7 +29,11 @@ def features_table(
     concat: bool = False,
     heatmaps: bool = False,
 ) -> pa.Table:
-    """Columns [id,] path, width, height, bucket, the features, status.
+    """Columns [id,] path, path_bytes, width, height, bucket, the features, status.
+
+    `path` is the name as text (`paths.display_name`: a name that is not valid UTF-8 has each
+    undecodable byte written `\\xNN`); `path_bytes` is null unless the name is not valid UTF-8,
+    and then holds its exact bytes (`os.fsdecode(path_bytes)` opens the file).
 
     The features are one `fixed_size_list<float32>[D]` column per layer (`layers`, default all),
     each L2-normalised with `normalize="l2"`, or one `features` column with `concat`. Failed rows
@@ -39,7 +44,9 @@ def features_table(
     check_normalize(normalize)
     ok = features.ok
     columns: dict[str, Any] = {} if ids is None else {"id": pa.array(list(ids), pa.string())}
-    columns["path"] = pa.array([str(p) for p in paths], pa.string())
+    names = [os.fspath(p) for p in paths]
+    columns["path"] = pa.array([display_name(p) for p in names], pa.string())
+    columns["path_bytes"] = pa.array([name_bytes(p) for p in names], pa.binary())
     columns["width"] = pa.array([s[0] if s else None for s in features.sizes], pa.int32())
     columns["height"] = pa.array([s[1] if s else None for s in features.sizes], pa.int32())
     columns["bucket"] = pa.array(
@@ -59,11 +66,13 @@ def features_table(
             ]
             columns[heatmap_name(layer)] = pa.array(maps, pa.list_(pa.list_(pa.float32())))
     columns["status"] = pa.array(
-        [features.errors.get(i, "ok") for i in range(len(paths))], pa.string()
+        [display_name(features.errors.get(i, "ok")) for i in range(len(paths))], pa.string()
     )
     table = pa.table(columns)
     if metadata:
-        table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in metadata.items()})
+        table = table.replace_schema_metadata(
+            {k.encode(): display_name(v).encode() for k, v in metadata.items()}
+        )
     return table
 
 
@@ -93,8 +102,9 @@ def write_table(table: pa.Table, path: str | os.PathLike[str]) -> Path:
     """Write to a temporary name beside `path` and rename: readers never see a partial file."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(target) as tmp:
-        pq.write_table(table, tmp)
+    with atomic_path(target) as tmp, open(tmp, "wb") as f:
+        # An open file, not the name: pyarrow refuses a name that is not valid UTF-8.
+        pq.write_table(table, f)
     return target
 
 

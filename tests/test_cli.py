@@ -74,8 +74,9 @@ def test_export_extract_parquet_round_trip(tmp_path: Path) -> None:
 
     table = pq.read_table(out)
     assert table.column_names == [
-        "path", "width", "height", "bucket", "pool-2", "conv-4-3", "fc-6", "status",
+        "path", "path_bytes", "width", "height", "bucket", "pool-2", "conv-4-3", "fc-6", "status",
     ]  # fmt: skip
+    assert table["path_bytes"].null_count == table.num_rows  # every name here is UTF-8
     assert table["status"].to_pylist() == ["ok"] * len(images) + [table["status"][-1].as_py()]
     assert "truncated" in table["status"][-1].as_py()
     assert table["bucket"].to_pylist()[: len(images)] == ["288x224"] * len(images)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import pickle
 import subprocess
 import sys
@@ -475,3 +477,71 @@ def test_non_photo_formats_are_refused(tmp_path: Path) -> None:
     Image.new("RGB", (8, 8), "red").save(path, format="EPS")
     with pytest.raises(ImageError, match="not an image"):
         load_image(path)
+
+
+def test_special_files_are_never_opened(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("Image.open called on a special file")
+
+    monkeypatch.setattr(Image, "open", never)
+    for source, reason in [
+        (fifo, "not a regular file (FIFO); not opened"),
+        ("/dev/zero", "not a regular file (character device); not opened"),
+        ("/proc/self/status", "not a regular file (/proc or /sys pseudo-file); not opened"),
+    ]:
+        for call in (load_image, image_size):
+            with pytest.raises(ImageError) as info:
+                call(source)
+            assert str(info.value) == f"{source}: {reason}"
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (errno.EACCES, "permission denied"),
+        (errno.EIO, "input/output error while reading"),
+        (errno.ENOENT, "no such file"),  # vanished between the stat and the open
+    ],
+)
+def test_file_errors_are_not_called_corrupt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: int, reason: str
+) -> None:
+    path = imagegen.jpeg(tmp_path, 64, 64)
+
+    def failing(*args: object, **kwargs: object) -> None:
+        raise OSError(error, os.strerror(error), str(path))
+
+    monkeypatch.setattr(Image, "open", failing)
+    with pytest.raises(ImageError, match=f"photo.jpg: {reason}") as info:
+        load_image(path)
+    assert "corrupt" not in str(info.value)
+
+
+def test_link_and_name_problems(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.jpg"
+    broken.symlink_to("nowhere.jpg")
+    loop = tmp_path / "loop.jpg"
+    loop.symlink_to(loop)
+    cases = {
+        broken: "broken symbolic link (to nowhere.jpg)",
+        loop: "too many levels of symbolic links (a symlink loop?)",
+        tmp_path / ("y" * 300 + ".jpg"): "file name too long",
+        imagegen.jpeg(tmp_path, 8, 8) / "x.jpg": "no such file (a component of the path is not a "
+        "directory)",
+    }
+    for path, reason in cases.items():
+        with pytest.raises(ImageError) as info:
+            load_image(path)
+        assert info.value.reason == reason
+
+
+def test_non_utf8_name_in_messages(tmp_path: Path) -> None:
+    path = tmp_path / os.fsdecode(b"bad\xff.jpg")
+    path.write_bytes(b"not an image")
+    with pytest.raises(ImageError) as info:
+        load_image(path)
+    assert info.value.label == f"{tmp_path}/bad\\xff.jpg"
+    str(info.value).encode("utf-8")  # printable, storable
