@@ -512,8 +512,6 @@ def _run_locked(
     if plan.remove:
         line += f" (rows removed from {len(plan.remove)} shards)"
     say(line)
-    if plan.duplicates:
-        log.warning("index: %d SOURCE entries name an input listed before", plan.duplicates)
     run["plan"] = plan.counts()
     apply_removals(out, plan)
 

@@ -53,7 +53,12 @@ def exclusive_lock(path: str | os.PathLike[str], what: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _describe(os.pread(fd, 65536, 0))
+            for _ in range(20):  # the holder writes its name right after taking the lock
+                raw = os.pread(fd, 65536, 0)
+                if raw:
+                    break
+                time.sleep(0.025)
+            holder = _describe(raw)
             raise LockedError(
                 f"{what} is in use by {holder}; lock file {lock}: wait for that job or stop it"
             ) from None
