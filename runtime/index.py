@@ -130,7 +130,7 @@ class IndexReport:
 
 def absolute_path(path: str) -> str:
     """The normalised absolute form of a path (symlinks kept: a link is its own input)."""
-    return os.path.normpath(os.path.abspath(path))
+    return os.path.abspath(path)  # abspath normalises (normpath), never resolves links
 
 
 def source_id(path: str) -> str:
@@ -151,6 +151,15 @@ def _id_numbers(ids: Iterable[str | None], where: Path) -> np.ndarray:
         return np.array([int(i, 16) for i in ids], dtype=np.uint64)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise IndexJobError(f"{where}: an `id` that this package did not write") from None
+
+
+def _member(values: np.ndarray, sorted_values: np.ndarray) -> np.ndarray:
+    """values[i] in sorted_values, for each i (binary search: no hash table of the big side)."""
+    if not len(sorted_values):
+        return np.zeros(len(values), bool)
+    at = np.searchsorted(sorted_values, values)
+    at[at == len(sorted_values)] = 0
+    return sorted_values[at] == values
 
 
 def shard_name(k: int) -> str:
@@ -359,31 +368,34 @@ def plan_index(
                 f"{part}: unreadable shard ({err}); delete it to index its inputs again"
             ) from None
         done.append(_id_numbers(table["id"].to_pylist(), part))
-        where.append(np.full(table.num_rows, k, np.int64))
+        where.append(np.full(table.num_rows, k, np.int32))
         failed.append(np.array([s != "ok" for s in table["status"].to_pylist()], bool))
     done_ids = np.concatenate(done) if done else np.empty(0, np.uint64)
-    done_shard = np.concatenate(where) if where else np.empty(0, np.int64)
+    done_shard = np.concatenate(where) if where else np.empty(0, np.int32)
     done_failed = np.concatenate(failed) if failed else np.empty(0, bool)
+    del done, where, failed
     # An id twice on disk (never written by this package: the lock keeps one job at a time):
     # all its copies go and the input is indexed again, once.
     values, counts = np.unique(done_ids, return_counts=True)
-    redo = np.isin(done_ids, values[counts > 1])
+    redo = _member(done_ids, values[counts > 1])
     if retry_failed:
         redo |= done_failed
     keep = np.unique(done_ids[~redo])
+    del values, counts
 
     listed, positions, paths = [], [], []
     offset = 0
     sources = limited(iter_sources(source, options.path_column), options.limit)
     for chunk in chunks(sources, LIST_CHUNK):
         ids = np.fromiter((_id_number(p) for p in chunk), np.uint64, len(chunk))
-        todo = np.flatnonzero(~np.isin(ids, keep))
+        todo = np.flatnonzero(~_member(ids, keep))
         listed.append(ids)
         positions.append(todo + offset)
         encoded = [chunk[i].encode("utf-8", "surrogateescape") for i in todo]
         paths.append(pa.array(encoded, pa.large_binary()))
         offset += len(chunk)
     current = np.concatenate(listed) if listed else np.empty(0, np.uint64)
+    del listed, keep
     distinct, first = np.unique(current, return_index=True)
     is_first = np.zeros(len(current), bool)
     is_first[first] = True
@@ -391,7 +403,7 @@ def plan_index(
     pending = pa.concat_arrays(paths) if paths else pa.array([], pa.large_binary())
     pending = pending.filter(pa.array(is_first[todo_at]))
 
-    gone = ~np.isin(done_ids, distinct)
+    gone = ~_member(done_ids, distinct)
     remove_rows = gone | redo
     # done_shard is sorted (shards read in order): one split groups the rows to remove by shard
     at = np.flatnonzero(remove_rows)
@@ -422,7 +434,7 @@ def apply_removals(out: Path, plan: Plan) -> None:
             log.info("index: removed %s (all its inputs are gone)", part.name)
             continue
         table = pq.read_table(part)
-        stay = ~np.isin(_id_numbers(table["id"].to_pylist(), part), ids)
+        stay = ~_member(_id_numbers(table["id"].to_pylist(), part), np.sort(ids))
         write_table(table.filter(pa.array(stay)), part)
         log.info("index: rewrote %s without %d rows", part.name, int((~stay).sum()))
 
