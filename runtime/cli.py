@@ -362,31 +362,62 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
         "index",
         help="a whole collection into sharded Parquet, resumable",
         description="Index SOURCE (a directory tree, a text file of paths, or a Parquet/CSV file "
-        "with a path column) into OUTDIR/part-NNNNN.parquet shards plus _manifest.json. Rerun "
-        "the same command to resume after an interruption.",
+        "with a path column) into OUTDIR/part-NNNNN.parquet shards plus _manifest.json. The "
+        "output always equals the current SOURCE: rerun the same command to resume after an "
+        "interruption or to bring OUTDIR up to date after SOURCE changed (only new inputs are "
+        "processed; rows of removed inputs are removed). One job per OUTDIR at a time.",
     )
     p.add_argument("source", type=Path, metavar="SOURCE")
     _engine_options(p, "output directory (OUTDIR)", batch_size=16)
+    for action in p._actions:  # counts are checked by argparse: bad usage, exit 2
+        if action.dest == "batch_size":
+            action.type = _at_least(1)
     p.add_argument(
-        "--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+        "--workers", type=_at_least(0), default=max(1, (os.cpu_count() or 2) - 1),
         help="decoding processes (0: decode in the main process)",
     )  # fmt: skip
-    p.add_argument("--shard-size", type=int, default=1000, help="rows per output shard")
+    p.add_argument("--shard-size", type=_at_least(1), default=1000, help="rows per new shard")
     p.add_argument("--layers", help="comma-separated subset of the engine's layers")
     p.add_argument("--normalize", default="none", choices=NORMALIZATIONS)
     p.add_argument("--concat", action="store_true", help="one `features` column")
     p.add_argument("--path-column", default="path", help="for Parquet/CSV sources")
     p.add_argument("--heatmaps", action="store_true", help="store small heatmaps (<= 32 px)")
-    p.add_argument("--limit", type=int, help="only the first N inputs")
+    p.add_argument(
+        "--content-hash", action="store_true",
+        help="a sha256 column: the hash of each file's bytes (to find copies under other paths)",
+    )  # fmt: skip
+    p.add_argument(
+        "--limit", type=_at_least(1),
+        help="only the first N entries of SOURCE (the output then holds those only)",
+    )  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="read headers only; report buckets")
     p.add_argument("--overwrite", action="store_true", help="replace another job's output")
+    p.add_argument(
+        "--retry-failed", action="store_true",
+        help="index again the inputs whose row failed (status not ok)",
+    )  # fmt: skip
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument(
         "--ray", nargs="?", const="local", metavar="ADDRESS",
         help="run on Ray (pip install 'interactive[ray]'): no ADDRESS starts a local instance; "
         "'auto' joins this machine's cluster; 'ray://HOST:10001' goes through Ray Client",
     )  # fmt: skip
-    p.add_argument("--actors", type=int, default=1, help="with --ray: extraction actors")
+    p.add_argument("--actors", type=_at_least(1), default=1, help="with --ray: extraction actors")
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= minimum."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def _run_index(args: argparse.Namespace) -> int:
@@ -401,6 +432,7 @@ def _run_index(args: argparse.Namespace) -> int:
         path_column=args.path_column,
         limit=args.limit,
         heatmaps=args.heatmaps,
+        content_hash=args.content_hash,
     )
     if args.dry_run:
         plan = dry_run(args.source, args.engine, options)
@@ -424,13 +456,16 @@ def _run_index(args: argparse.Namespace) -> int:
         executor = LocalExecutor(workers=args.workers, backend=args.backend)
     report = run_index(
         args.source, args.engine, args.output, options, executor,
-        overwrite=args.overwrite, progress=args.progress,
+        overwrite=args.overwrite, retry_failed=args.retry_failed, progress=args.progress,
+        say=progress_line,
     )  # fmt: skip
     print(
-        f"{report.images} images in the output ({report.errors} errors); this run processed "
-        f"{report.processed} in {report.seconds:.1f} s ({report.images_per_second:.2f} "
-        f"images/s), wrote {report.written_shards} shards, found {report.skipped_shards} done; "
-        f"by bucket {dict(report.by_bucket)}; output {args.output}"
+        f"{report.images} images in the output ({report.errors} errors); since the last run: "
+        f"{report.changes()}; this run processed {report.processed} in {report.seconds:.1f} s "
+        f"({report.images_per_second:.2f} images/s), wrote {report.written_shards} shards, "
+        f"rewrote {report.rewritten_shards}, removed {report.removed_shards}, left "
+        f"{report.skipped_shards} as they were; by bucket {dict(report.by_bucket)}; "
+        f"output {args.output}"
     )
     return EXIT_PARTIAL if report.errors else EXIT_OK
 

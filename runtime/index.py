@@ -1,13 +1,31 @@
-"""`interactive index`: a collection -> sharded Parquet features, resumable, safe on bad input.
+"""`interactive index`: a collection -> sharded Parquet features, incremental, safe on bad input.
 
-The job, once for every executor. SOURCE (runtime/index_sources.py) is streamed in a stable order
-and cut into shards of `shard_size` consecutive inputs. Shard k is `part-0000k.parquet`, written
-under a temporary name and renamed when complete, so after a crash (even `kill -9`) a rerun skips
-the finished shards without reading their images and redoes the rest: every input ends up in
-exactly one row. The job validates the options against the engine's manifest, keeps the run
-manifest (`_manifest.json`), writes the shards and the report; an `Executor` only turns the
-pending shards' paths into output rows (`shard_rows`): `LocalExecutor` (runtime/index_local.py,
+The job, once for every executor. The output always equals the current SOURCE: one row per
+distinct input (by id), whatever changed between runs. The shard files are the commit log:
+
+- **Done set**: the `id` column of the shards on disk (`part-NNNNN.parquet`; a shard is written
+  under a temporary name and renamed when whole, so a shard on disk is complete).
+- **Plan**: SOURCE (runtime/index_sources.py) is listed once, in its stable order. An input whose
+  id is done is skipped without reading its image; the others (new, or left by an interrupted
+  run) are pending, cut in SOURCE order into shards of `shard_size`, numbered with the smallest
+  free shard numbers. Rows of inputs SOURCE no longer lists (removed, renamed: a renamed file is a
+  new input) are removed: the shards holding them are rewritten without them, atomically in
+  place (or deleted when emptied). `retry_failed` removes the rows whose status is not ok the
+  same way, so they become pending. An input listed twice is indexed once.
+- **Crash safety**: at every instant each id is in at most one shard on disk (a pending shard
+  only holds ids absent from disk, a rewrite only drops rows, each file is replaced atomically),
+  and one job at a time holds OUTDIR's lock (runtime/locks.py) from planning to the end. So
+  after a crash (even `kill -9`) a rerun plans again from what is on disk and completes it:
+  every current input exactly once.
+
+The job validates the options against the engine's manifest, keeps the run manifest
+(`_manifest.json`), plans, writes the shards and the report; an `Executor` only turns the
+pending shards' inputs into output rows (`shard_rows`): `LocalExecutor` (runtime/index_local.py,
 decoding processes on this machine) or `RayExecutor` (runtime/ray_index.py, a Ray cluster).
+
+Memory: the plan holds 8 bytes per listed input and 12 per row on disk (numpy, plus sorting
+temporaries of the same order) and the pending inputs' paths (their bytes + 8); never pixels or
+rows: about 40 MB per million inputs plus the paths still to do.
 """
 
 from __future__ import annotations
@@ -15,16 +33,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import re
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Generator, Iterable, Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field
-from itertools import islice
+from itertools import count, islice
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -33,17 +54,27 @@ from .atomic import write_json
 from .buckets import format_size
 from .images import ImageError, PreparedImage, image_size, prepare_image
 from .index_sources import IndexJobError, iter_sources, limited
+from .locks import exclusive_lock
 from .manifest import EngineManifest, package_version
 from .parquet import features_table, write_table
 from .settings import NORMALIZATIONS
 
 RUN_MANIFEST = "_manifest.json"
+LOCK_FILE = ".interactive.lock"  # hidden: dataset readers skip it
+SHARD_FILE = re.compile(r"part-(\d{5,})\.parquet")
+# The options that shape a row: a rerun on the same OUTDIR must repeat them (or --overwrite).
+# batch_size, shard_size and limit do not: they change how the work is cut, or which inputs
+# SOURCE is taken to list.
+ROW_OPTIONS = ("layers", "normalize", "concat", "path_column", "heatmaps", "content_hash")
+ID_SCHEME = "sha1(normpath(abspath(path)))[:16]"
+LIST_CHUNK = 65536  # SOURCE entries hashed and looked up per numpy call while planning
+HASH_IN_MEMORY = 256 * 2**20  # --content-hash: larger files are hashed in a separate read
 log = logging.getLogger("interactive")
 
 
 @dataclass
 class IndexOptions:
-    """The options that shape the output; a rerun on the same OUTDIR must repeat them."""
+    """What a run does; ROW_OPTIONS of it must be repeated by a rerun on the same OUTDIR."""
 
     batch_size: int = 16
     shard_size: int = 1000
@@ -51,21 +82,30 @@ class IndexOptions:
     normalize: str = "none"
     concat: bool = False
     path_column: str = "path"
-    limit: int | None = None
+    limit: int | None = None  # only the first `limit` entries of SOURCE
     heatmaps: bool = False  # small heatmaps beside the features (engines made with --heatmaps)
+    content_hash: bool = False  # a `sha256` column: the hash of each file's bytes
 
 
 @dataclass
 class IndexReport:
-    """Totals over the whole output (earlier runs' shards included); speed over this run's."""
+    """Totals over the whole output (earlier runs' shards included); speed over this run's;
+    what changed since the output was last planned (new, gone, retried, duplicates)."""
 
-    images: int = 0
-    errors: int = 0
+    images: int = 0  # rows in the output
+    errors: int = 0  # rows whose status is not ok
     processed: int = 0  # images decoded and run by this run
-    skipped_shards: int = 0
-    written_shards: int = 0
+    skipped_shards: int = 0  # shards on disk left as they were
+    written_shards: int = 0  # shards written by this run
     seconds: float = 0.0
     by_bucket: Counter = field(default_factory=Counter)
+    inputs: int = 0  # distinct inputs SOURCE lists (as limited)
+    new: int = 0  # inputs not in the output before this run (indexed by it)
+    gone: int = 0  # rows removed: their input is no longer in SOURCE
+    retried: int = 0  # failed rows removed to be redone (retry_failed)
+    duplicates: int = 0  # SOURCE entries naming an input already listed (indexed once)
+    rewritten_shards: int = 0  # shards rewritten without removed rows
+    removed_shards: int = 0  # shards deleted: all their rows were removed
 
     @property
     def images_per_second(self) -> float:
@@ -78,10 +118,48 @@ class IndexReport:
         self.errors += sum(s != "ok" for s in status)
         self.by_bucket.update(b for b in table.column("bucket").to_pylist() if b)
 
+    def changes(self) -> str:
+        """`N new, M gone` (+ retried, duplicates when any)."""
+        line = f"{self.new} new, {self.gone} gone"
+        if self.retried:
+            line += f", {self.retried} failed redone"
+        if self.duplicates:
+            line += f", {self.duplicates} listed twice (indexed once)"
+        return line
+
+
+def absolute_path(path: str) -> str:
+    """The normalised absolute form of a path (symlinks kept: a link is its own input)."""
+    return os.path.abspath(path)  # abspath normalises (normpath), never resolves links
+
 
 def source_id(path: str) -> str:
-    """A stable id for an input: the first 16 hex digits of the SHA-1 of its path."""
-    return hashlib.sha1(path.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    """A stable id for an input: the first 16 hex digits of the SHA-1 of its normalised absolute
+    path, so `photos/x.jpg`, `./photos/x.jpg` and `/abs/photos/x.jpg` are one input."""
+    data = absolute_path(path).encode("utf-8", "surrogateescape")
+    return hashlib.sha1(data).hexdigest()[:16]
+
+
+def _id_number(path: str) -> int:
+    """source_id as a 64-bit integer (how the plan holds ids)."""
+    data = absolute_path(path).encode("utf-8", "surrogateescape")
+    return int.from_bytes(hashlib.sha1(data).digest()[:8], "big")
+
+
+def _id_numbers(ids: Iterable[str | None], where: Path) -> np.ndarray:
+    try:
+        return np.array([int(i, 16) for i in ids], dtype=np.uint64)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise IndexJobError(f"{where}: an `id` that this package did not write") from None
+
+
+def _member(values: np.ndarray, sorted_values: np.ndarray) -> np.ndarray:
+    """values[i] in sorted_values, for each i (binary search: no hash table of the big side)."""
+    if not len(sorted_values):
+        return np.zeros(len(values), bool)
+    at = np.searchsorted(sorted_values, values)
+    at[at == len(sorted_values)] = 0
+    return sorted_values[at] == values
 
 
 def shard_name(k: int) -> str:
@@ -89,7 +167,7 @@ def shard_name(k: int) -> str:
 
 
 def chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
-    """Consecutive lists of `size` items (the last may be shorter): how shards are cut."""
+    """Consecutive lists of `size` items (the last may be shorter)."""
     iterator = iter(items)
     while chunk := list(islice(iterator, size)):
         yield chunk
@@ -100,10 +178,12 @@ def chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
 
 
 class Shard(NamedTuple):
-    """A shard still to do: its index k (it becomes shard_name(k)) and its inputs, in order."""
+    """A shard to write: its number k (it becomes shard_name(k)), its inputs in SOURCE order and
+    their ids (the driver computes them: workers may see another current directory)."""
 
     k: int
     paths: list[str]
+    ids: list[str]
 
 
 class Progress:
@@ -111,7 +191,7 @@ class Progress:
     Data's bars, or none). The local executor's draws a bar or logs lines (index_local.py)."""
 
     def skip(self, n: int) -> None:
-        """n inputs found done (a finished shard)."""
+        """n inputs found done."""
 
     def track(
         self, stream: Iterator[tuple[int, PreparedImage | str]]
@@ -140,16 +220,16 @@ Results = Generator[tuple[int, pa.Table], None, None]
 class Executor(ABC):
     """Moves the pending shards' images to an engine and their output rows back.
 
-    The job does everything else (listing, shards, resume, manifest, writing, the report).
+    The job does everything else (listing, planning, removals, manifest, writing, the report).
     """
 
     @abstractmethod
     def run(self, work: ShardWork, shards: Iterable[Shard]) -> Results:
         """Yield (k, shard_rows of shard k's inputs, in input order) for each shard, in any order,
-        once it is whole. `shards` is lazy: it reads finished shards off disk as it goes."""
+        once it is whole. `shards` is lazy (cut from the plan as it is consumed)."""
 
     def progress(self, enabled: bool | None, count: Callable[[], int]) -> Progress:
-        """The progress display for one run (`count()` lists SOURCE again, for a total)."""
+        """The progress display for one run (`count()`: the inputs this run will process)."""
         return Progress()
 
     def check(self, manifest: EngineManifest) -> None:
@@ -168,17 +248,195 @@ def prepare_or_error(path: str, manifest: EngineManifest) -> PreparedImage | str
         return f"{path}: unexpected error while decoding: {type(err).__name__}: {err}"
 
 
-def shard_rows(paths: list[str], features: Features, options: IndexOptions) -> pa.Table:
-    """The output rows of `paths` (features_table's columns, ids from the paths), no metadata."""
-    return features_table(
+def prepare_input(
+    path: str, manifest: EngineManifest, content_hash: bool = False
+) -> tuple[PreparedImage | str, str | None]:
+    """prepare_or_error, and with `content_hash` the SHA-256 of the file's bytes (None when the
+    file cannot be read), from the same read as the decoding (files up to HASH_IN_MEMORY)."""
+    if not content_hash:
+        return prepare_or_error(path, manifest), None
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size > HASH_IN_MEMORY:
+                hasher = hashlib.sha256()
+                while block := f.read(2**20):
+                    hasher.update(block)
+                return prepare_or_error(path, manifest), hasher.hexdigest()
+            data = f.read()
+    except OSError:  # missing, unreadable, a directory: the decoder's message says which
+        return prepare_or_error(path, manifest), None
+    digest = hashlib.sha256(data).hexdigest()
+    if not data:
+        return prepare_or_error(path, manifest), digest
+    try:
+        return prepare_image(data, manifest.bucket_for), digest
+    except ImageError as err:
+        return f"{path}: {err.reason}", digest
+    except Exception as err:
+        return f"{path}: unexpected error while decoding: {type(err).__name__}: {err}", digest
+
+
+def shard_rows(
+    paths: list[str],
+    ids: list[str],
+    features: Features,
+    options: IndexOptions,
+    hashes: list[str | None] | None = None,
+) -> pa.Table:
+    """The output rows of `paths` (features_table's columns, `id`, with `content_hash` a
+    `sha256` column after `path`), no metadata."""
+    table = features_table(
         paths,
         features,
-        ids=[source_id(p) for p in paths],
+        ids=ids,
         layers=options.layers,
         normalize=options.normalize,
         concat=options.concat,
         heatmaps=options.heatmaps,
     )
+    if options.content_hash:
+        column = pa.array(hashes if hashes is not None else [None] * len(paths), pa.string())
+        table = table.add_column(table.schema.get_field_index("path") + 1, "sha256", column)
+    return table
+
+
+# ------------------------------------------------------------------------------------------------
+# The plan
+
+
+def shard_files(out: Path) -> dict[int, Path]:
+    """The shards on disk by number."""
+    found = {}
+    for part in out.glob("part-*.parquet"):
+        match = SHARD_FILE.fullmatch(part.name)
+        if match:
+            found[int(match.group(1))] = part
+    return dict(sorted(found.items()))
+
+
+@dataclass
+class Plan:
+    """What a run does to OUTDIR: the rows to remove, the inputs to index, the counts."""
+
+    inputs: int  # distinct inputs SOURCE lists (as limited)
+    duplicates: int  # entries naming an input listed before
+    kept: int  # rows on disk that stay
+    gone: int  # rows to remove: SOURCE no longer lists their input
+    retried: int  # failed rows to remove and redo
+    pending: pa.Array  # the inputs to index, in SOURCE order (utf-8 + surrogateescape bytes)
+    remove: dict[int, np.ndarray]  # shard number -> ids (uint64) of its rows to remove
+    occupied: set[int]  # shard numbers on disk
+    emptied: set[int] = field(default_factory=set)  # shards all of whose rows go
+
+    @property
+    def new(self) -> int:
+        return len(self.pending) - self.retried
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "inputs": self.inputs,
+            "kept": self.kept,
+            "new": self.new,
+            "gone": self.gone,
+            "retried": self.retried,
+            "duplicates": self.duplicates,
+            "pending": len(self.pending),
+        }
+
+    def shards(self, size: int) -> Iterator[Shard]:
+        """The pending inputs cut into shards of `size`, numbered with the free numbers (those
+        of no shard on disk once the emptied ones are gone), smallest first."""
+        taken = self.occupied - self.emptied
+        free = (k for k in count() if k not in taken)
+        for start in range(0, len(self.pending), size):
+            raw = self.pending.slice(start, size).to_pylist()
+            paths = [p.decode("utf-8", "surrogateescape") for p in raw]
+            yield Shard(next(free), paths, [source_id(p) for p in paths])
+
+
+def plan_index(
+    source: Path, out: Path, options: IndexOptions, *, retry_failed: bool = False
+) -> Plan:
+    """Compare SOURCE (listed once) with the shards on disk (their `id` and `status` only)."""
+    files = shard_files(out)
+    done, where, failed = [], [], []
+    for k, part in files.items():
+        try:
+            table = pq.read_table(part, columns=["id", "status"])
+        except Exception as err:
+            raise IndexJobError(
+                f"{part}: unreadable shard ({err}); delete it to index its inputs again"
+            ) from None
+        done.append(_id_numbers(table["id"].to_pylist(), part))
+        where.append(np.full(table.num_rows, k, np.int32))
+        failed.append(np.array([s != "ok" for s in table["status"].to_pylist()], bool))
+    done_ids = np.concatenate(done) if done else np.empty(0, np.uint64)
+    done_shard = np.concatenate(where) if where else np.empty(0, np.int32)
+    done_failed = np.concatenate(failed) if failed else np.empty(0, bool)
+    del done, where, failed
+    # An id twice on disk (never written by this package: the lock keeps one job at a time):
+    # all its copies go and the input is indexed again, once.
+    values, counts = np.unique(done_ids, return_counts=True)
+    redo = _member(done_ids, values[counts > 1])
+    if retry_failed:
+        redo |= done_failed
+    keep = np.unique(done_ids[~redo])
+    del values, counts
+
+    listed, positions, paths = [], [], []
+    offset = 0
+    sources = limited(iter_sources(source, options.path_column), options.limit)
+    for chunk in chunks(sources, LIST_CHUNK):
+        ids = np.fromiter((_id_number(p) for p in chunk), np.uint64, len(chunk))
+        todo = np.flatnonzero(~_member(ids, keep))
+        listed.append(ids)
+        positions.append(todo + offset)
+        encoded = [chunk[i].encode("utf-8", "surrogateescape") for i in todo]
+        paths.append(pa.array(encoded, pa.large_binary()))
+        offset += len(chunk)
+    current = np.concatenate(listed) if listed else np.empty(0, np.uint64)
+    del listed, keep
+    distinct, first = np.unique(current, return_index=True)
+    is_first = np.zeros(len(current), bool)
+    is_first[first] = True
+    todo_at = np.concatenate(positions) if positions else np.empty(0, np.int64)
+    pending = pa.concat_arrays(paths) if paths else pa.array([], pa.large_binary())
+    pending = pending.filter(pa.array(is_first[todo_at]))
+
+    gone = ~_member(done_ids, distinct)
+    remove_rows = gone | redo
+    # done_shard is sorted (shards read in order): one split groups the rows to remove by shard
+    at = np.flatnonzero(remove_rows)
+    numbers, starts = np.unique(done_shard[at], return_index=True)
+    groups = np.split(done_ids[at], starts[1:]) if len(at) else []
+    remove = {int(k): ids for k, ids in zip(numbers, groups, strict=True)}
+    emptied = set(remove) - set(np.unique(done_shard[~remove_rows]).tolist())
+    return Plan(
+        inputs=len(distinct),
+        duplicates=len(current) - len(distinct),
+        kept=int((~remove_rows).sum()),
+        gone=int(gone.sum()),
+        retried=len(np.unique(done_ids[redo & ~gone])),
+        pending=pending,
+        remove=remove,
+        occupied=set(files),
+        emptied=emptied,
+    )
+
+
+def apply_removals(out: Path, plan: Plan) -> None:
+    """Rewrite each shard holding rows to remove without them (atomically, same name), or
+    delete it when none stay: a crash leaves each shard old or new, never a row twice."""
+    for k, ids in plan.remove.items():
+        part = out / shard_name(k)
+        if k in plan.emptied:
+            part.unlink()
+            log.info("index: removed %s (all its inputs are gone)", part.name)
+            continue
+        table = pq.read_table(part)
+        stay = ~_member(_id_numbers(table["id"].to_pylist(), part), np.sort(ids))
+        write_table(table.filter(pa.array(stay)), part)
+        log.info("index: rewrote %s without %d rows", part.name, int((~stay).sum()))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,10 +451,14 @@ def run_index(
     executor: Executor | None = None,
     *,
     overwrite: bool = False,
+    retry_failed: bool = False,
     progress: bool | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> IndexReport:
     """Index SOURCE into OUTDIR with `executor` (default: LocalExecutor()); returns what was
-    done. Errors in the job itself raise early, before OUTDIR is touched."""
+    done. Errors in the job itself raise early, before OUTDIR is touched; another job on OUTDIR
+    raises LockedError (runtime/locks.py). `say` gets the plan's line (default: the log)."""
+    say = say or log.info
     if executor is None:
         from .index_local import LocalExecutor
 
@@ -204,47 +466,85 @@ def run_index(
     manifest = EngineManifest.load(engine)
     check_options(options, manifest)
     executor.check(manifest)
-    sources = limited(iter_sources(source, options.path_column), options.limit)
+    iter_sources(source, options.path_column)  # problems with SOURCE itself raise here
     run = run_manifest(source, manifest, options)
+    with _outdir_lock(out):
+        return _run_locked(source, engine, out, options, executor, run, manifest,
+                           overwrite=overwrite, retry_failed=retry_failed, progress=progress,
+                           say=say)  # fmt: skip
+
+
+@contextmanager
+def _outdir_lock(out: Path) -> Iterator[None]:
+    """OUTDIR created and locked for this job (LockedError when another job holds it)."""
+    lock = exclusive_lock(out / LOCK_FILE, f"OUTDIR {out}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock.__enter__()
+    except OSError as err:
+        raise IndexJobError(f"cannot write to -o {out}: {err.strerror or err}") from err
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _run_locked(
+    source: Path,
+    engine: Path,
+    out: Path,
+    options: IndexOptions,
+    executor: Executor,
+    run: dict[str, Any],
+    manifest: EngineManifest,
+    *,
+    overwrite: bool,
+    retry_failed: bool,
+    progress: bool | None,
+    say: Callable[[str], None],
+) -> IndexReport:
     prepare_outdir(out, run, overwrite)
-    report = IndexReport()
+    remove_temporaries(out)
     started = time.perf_counter()
+    plan = plan_index(source, out, options, retry_failed=retry_failed)
+    if plan.inputs == 0 and plan.kept + plan.gone + plan.retried and not overwrite:
+        raise IndexJobError(
+            f"SOURCE {str(source)!r} lists no inputs: refusing to remove all "
+            f"{plan.kept + plan.gone + plan.retried} rows of {out} (an unmounted or emptied "
+            "SOURCE?); pass --overwrite to empty it"
+        )
+    report = IndexReport(
+        inputs=plan.inputs, new=plan.new, gone=plan.gone, retried=plan.retried,
+        duplicates=plan.duplicates, rewritten_shards=len(plan.remove) - len(plan.emptied),
+        removed_shards=len(plan.emptied),
+        skipped_shards=len(plan.occupied) - len(plan.remove),
+    )  # fmt: skip
+    line = f"index: SOURCE lists {plan.inputs} inputs: {plan.kept} in the output, "
+    line += report.changes()
+    if plan.remove:
+        line += f" (rows removed from {len(plan.remove)} shards)"
+    say(line)
+    run["plan"] = plan.counts()
+    apply_removals(out, plan)
 
-    def count() -> int:
-        return sum(1 for _ in limited(iter_sources(source, options.path_column), options.limit))
-
-    bar = executor.progress(progress, count)
+    bar = executor.progress(progress, lambda: len(plan.pending))
     work = ShardWork(Path(engine), manifest, options, progress, bar)
     metadata = {b"interactive.run": json.dumps(run).encode()}
-    pending = _pending(sources, out, options.shard_size, report, bar)
     try:
-        with closing(executor.run(work, pending)) as results:
+        with closing(executor.run(work, plan.shards(options.shard_size))) as results:
             for k, rows in results:
                 write_table(rows.replace_schema_metadata(metadata), out / shard_name(k))
                 report.written_shards += 1
                 report.processed += rows.num_rows
-                report.add(rows)
                 log.info("index: wrote %s (%d rows)", shard_name(k), rows.num_rows)
     finally:
         bar.close()
+    for part in shard_files(out).values():
+        report.add(pq.read_table(part, columns=["status", "bucket"]))
     report.seconds = time.perf_counter() - started
     run["result"] = {**asdict(report), "by_bucket": dict(report.by_bucket)}
     write_json(out / RUN_MANIFEST, run)
     return report
-
-
-def _pending(
-    sources: Iterator[str], out: Path, shard_size: int, report: IndexReport, bar: Progress
-) -> Iterator[Shard]:
-    """The shards not yet on disk; the finished ones are counted into the report instead."""
-    for k, paths in enumerate(chunks(sources, shard_size)):
-        target = out / shard_name(k)
-        if target.exists():
-            report.skipped_shards += 1
-            report.add(pq.read_table(target, columns=["status", "bucket"]))
-            bar.skip(len(paths))
-            continue
-        yield Shard(k, paths)
 
 
 def check_options(options: IndexOptions, manifest: EngineManifest) -> None:
@@ -252,6 +552,8 @@ def check_options(options: IndexOptions, manifest: EngineManifest) -> None:
     manifest: no backend is opened)."""
     if options.batch_size < 1 or options.shard_size < 1:
         raise IndexJobError("--batch-size and --shard-size must be at least 1")
+    if options.limit is not None and options.limit < 1:
+        raise IndexJobError(f"--limit must be at least 1, got {options.limit}")
     if options.normalize not in NORMALIZATIONS:
         raise IndexJobError(f"--normalize must be none or l2, got {options.normalize!r}")
     if options.heatmaps and not manifest.data.get("heatmaps"):
@@ -264,9 +566,10 @@ def check_options(options: IndexOptions, manifest: EngineManifest) -> None:
 
 
 def run_manifest(source: Path, engine: EngineManifest, options: IndexOptions) -> dict[str, Any]:
-    """The settings a rerun must repeat to resume OUTDIR (written as _manifest.json)."""
+    """What OUTDIR was made from (written as _manifest.json); `identity` of it must match."""
     return {
-        "source": str(source),
+        "source": absolute_path(str(source)),
+        "ids": ID_SCHEME,
         "options": asdict(options),
         "engine": {
             "directory": str(engine.directory),
@@ -278,26 +581,69 @@ def run_manifest(source: Path, engine: EngineManifest, options: IndexOptions) ->
     }
 
 
+def identity(run: dict[str, Any]) -> dict[str, Any]:
+    """What a rerun must repeat: SOURCE (absolute), the id scheme, ROW_OPTIONS, the engine."""
+    options = run.get("options")
+    options = options if isinstance(options, dict) else {}
+    source = run.get("source")
+    return {
+        "source": absolute_path(source) if isinstance(source, str) else source,
+        "ids": run.get("ids"),
+        "options": {k: options.get(k, "(absent)") for k in ROW_OPTIONS},
+        "engine": run.get("engine"),
+    }
+
+
+def _difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    if old["source"] != new["source"]:
+        return f"SOURCE {old['source']} there, {new['source']} here"
+    if old["ids"] != new["ids"]:
+        return "ids made by an older version"
+    for key in ROW_OPTIONS:
+        if old["options"][key] != new["options"][key]:
+            return f"{key} {old['options'][key]!r} there, {new['options'][key]!r} here"
+    return "another engine"
+
+
 def prepare_outdir(out: Path, run: dict[str, Any], overwrite: bool) -> None:
-    """Refuse an OUTDIR holding another job's output, unless `overwrite` clears it."""
+    """Refuse an OUTDIR holding another job's output (or an unreadable _manifest.json), unless
+    `overwrite` clears its shards; then record this run."""
     previous = out / RUN_MANIFEST
+    problem = None
     if previous.exists():
-        old = json.loads(previous.read_text())
-        same = all(old.get(k) == run[k] for k in ("source", "options", "engine"))
-        if not same and not overwrite:
-            raise IndexJobError(
-                f"{out} holds the output of another job (different source, engine or options: "
-                f"see {previous}); rerun the same command to resume, use another -o, or pass "
-                "--overwrite to replace it"
-            )
-        if not same:
-            for part in out.glob("part-*.parquet"):
-                part.unlink()
+        try:
+            old = json.loads(previous.read_text(encoding="utf-8"))
+            if not isinstance(old, dict):
+                raise ValueError(f"a JSON {type(old).__name__}, not an object")
+        except (OSError, ValueError) as err:
+            problem = f"{previous} is not a run manifest ({err})"
+        else:
+            before, now = identity(old), identity(run)
+            if before != now:
+                problem = (
+                    f"{out} holds the output of another job ({_difference(before, now)}; "
+                    f"see {previous})"
+                )
+    if problem and not overwrite:
+        raise IndexJobError(
+            f"{problem}: rerun the same command to resume, use another -o, or pass "
+            "--overwrite to replace it"
+        )
+    if problem:
+        for part in shard_files(out).values():
+            part.unlink()
     try:
-        out.mkdir(parents=True, exist_ok=True)
         write_json(previous, {**run, "result": None})
     except OSError as err:
         raise IndexJobError(f"cannot write to -o {out}: {err.strerror or err}") from err
+
+
+def remove_temporaries(out: Path) -> None:
+    """Drop the temporary files of a killed run (runtime/atomic.py names); under the lock, no
+    other job is writing them."""
+    for pattern in (".part-*.parquet.*.tmp", f".{RUN_MANIFEST}.*.tmp"):
+        for tmp in out.glob(pattern):
+            tmp.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------------

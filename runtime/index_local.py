@@ -2,7 +2,8 @@
 
 Decoding and resizing run in worker processes that feed a bucket-aware batcher
 (`Extractor.extract_prepared`); a bounded window of images in flight keeps memory flat whatever
-the collection size. The job (runtime/index.py) plans, resumes and writes.
+the collection size. The job (runtime/index.py) plans, resumes and writes; the shards come
+planned, with their inputs' ids.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 from .api import Extractor
 from .backends import backend_status
 from .images import PreparedImage
-from .index import Executor, Progress, Results, Shard, ShardWork, prepare_or_error, shard_rows
+from .index import Executor, Progress, Results, Shard, ShardWork, prepare_input, shard_rows
 from .manifest import EngineError, EngineManifest
 
 
@@ -49,11 +50,14 @@ class LocalExecutor(Executor):
         with Extractor.open(work.engine, backend=self.backend) as extractor:
             pool = self._pool(work.engine) if self.workers > 0 else None
             try:
-                for k, paths in shards:
-                    stream = _prepared_stream(paths, pool, window, work.manifest)
+                for k, paths, ids in shards:
+                    hashes: list[str | None] = [None] * len(paths)
+                    stream = _prepared_stream(
+                        paths, pool, window, work.manifest, options.content_hash, hashes
+                    )
                     items = work.bar.track(stream)
                     features = extractor.extract_prepared(items, len(paths), options.batch_size)
-                    yield k, shard_rows(paths, features, options)
+                    yield k, shard_rows(paths, ids, features, options, hashes)
             finally:
                 if pool is not None:
                     pool.shutdown(cancel_futures=True)
@@ -133,28 +137,37 @@ def _die_with_the_job(job_pid: int) -> None:
         os._exit(1)
 
 
-def _prepare(path: str) -> PreparedImage | str:
+def _prepare(path: str, content_hash: bool) -> tuple[PreparedImage | str, str | None]:
     assert _worker_manifest is not None, "_init_worker runs first in every worker"
-    return prepare_or_error(path, _worker_manifest)
+    return prepare_input(path, _worker_manifest, content_hash)
 
 
 def _prepared_stream(
-    paths: list[str], pool: ProcessPoolExecutor | None, window: int, manifest: EngineManifest
+    paths: list[str],
+    pool: ProcessPoolExecutor | None,
+    window: int,
+    manifest: EngineManifest,
+    content_hash: bool,
+    hashes: list[str | None],
 ) -> Iterator[tuple[int, PreparedImage | str]]:
-    """(position, prepared image or error) in input order, at most `window` images in flight."""
+    """(position, prepared image or error) in input order, at most `window` images in flight;
+    with `content_hash`, each file's SHA-256 into `hashes[position]`."""
     if pool is None:
         for i, path in enumerate(paths):
-            yield i, prepare_or_error(path, manifest)
+            item, hashes[i] = prepare_input(path, manifest, content_hash)
+            yield i, item
         return
     pending: deque[tuple[int, Future]] = deque()
     for i, path in enumerate(paths):
-        pending.append((i, pool.submit(_prepare, path)))
+        pending.append((i, pool.submit(_prepare, path, content_hash)))
         if len(pending) >= window:
             j, future = pending.popleft()
-            yield j, future.result()
+            item, hashes[j] = future.result()
+            yield j, item
     while pending:
         j, future = pending.popleft()
-        yield j, future.result()
+        item, hashes[j] = future.result()
+        yield j, item
 
 
 # ------------------------------------------------------------------------------------------------

@@ -14,10 +14,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import shlex
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -34,11 +36,31 @@ class LockedError(EngineError):
     """Another process holds the lock; the message names it and the lock file."""
 
 
-def holder_line() -> str:
-    """Who this process is, in one line: pid, host, start time and command."""
+def holder_record() -> str:
+    """Who this process is, as the JSON the lock file holds: pid, host, start time, command."""
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "python"
-    return f"pid {os.getpid()} on {socket.gethostname()} since {started}: {command}"
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "started": started}
+    return json.dumps({**record, "command": command})
+
+
+def describe_holder(text: str) -> str:
+    """A lock file's record in one line: "pid N on HOST since TIME: COMMAND"."""
+    try:
+        info = json.loads(text)
+        return f"pid {info['pid']} on {info['host']} since {info['started']}: {info['command']}"
+    except (ValueError, KeyError, TypeError):
+        return text.strip() or "another process"
+
+
+def _holder_text(fd: int) -> str:
+    """The holder's line; it writes it right after taking the lock, so wait a moment for it."""
+    for _ in range(20):
+        text = os.pread(fd, 65536, 0).decode(errors="replace").strip()
+        if text:
+            return describe_holder(text)
+        time.sleep(0.025)
+    return ""
 
 
 @contextmanager
@@ -61,13 +83,13 @@ def exclusive_lock(path: str | os.PathLike[str], what: str) -> Iterator[Path]:
         except OSError as err:
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise EngineError(f"{what}: cannot lock {lock}: {err.strerror}") from err
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            holder = _holder_text(fd) or "another process"
             raise LockedError(
                 f"{what} is in use by {holder} (lock file {lock}); wait for it to finish"
             ) from None
         try:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, (holder_line() + "\n").encode(), 0)
+            os.pwrite(fd, (holder_record() + "\n").encode(), 0)
             os.fsync(fd)
         except OSError as err:
             raise EngineError(f"{what}: cannot write the lock file {lock}: {err.strerror}") from err

@@ -3,7 +3,7 @@
 Ray Data runs the two heavy stages: decoding and resizing in CPU tasks (`map_batches` over blocks
 of paths), extraction in a pool of actors (`map_batches` with a callable class that opens the
 engine once; one GPU each when the cluster has GPUs). The job (this process, the driver) lists
-SOURCE, cuts the shards and skips the finished ones exactly as for the local executor; this
+SOURCE and plans the shards (ids, numbers, removals) exactly as for the local executor; this
 executor sends the pending shards' paths through Ray, reassembles the result stream by (shard,
 position) and hands each shard back to the job, which writes it, once all its rows have arrived:
 
@@ -40,7 +40,7 @@ from .index import (
     Results,
     Shard,
     ShardWork,
-    prepare_or_error,
+    prepare_input,
     shard_rows,
 )
 from .manifest import EngineManifest
@@ -56,7 +56,9 @@ DECODED = pa.schema(
     [
         (SHARD, pa.int64()),
         (POSITION, pa.int64()),
+        ("id", pa.string()),
         ("path", pa.string()),
+        ("sha256", pa.string()),  # with --content-hash: of the file's bytes, read by this task
         ("pixels", pa.large_binary()),  # HxWx3 uint8 at the bucket size; null on error
         ("width", pa.int32()),
         ("height", pa.int32()),
@@ -81,22 +83,23 @@ def _manifest(engine: str) -> EngineManifest:
     return EngineManifest.load(engine)
 
 
-def decode_block(paths: pa.Table, engine: str) -> pa.Table:
-    """Decode and resize a block of (shard, position, path) rows; failures become `error`."""
+def decode_block(paths: pa.Table, engine: str, content_hash: bool = False) -> pa.Table:
+    """Decode and resize a block of (shard, position, id, path) rows; failures become `error`."""
     manifest = _manifest(engine)
     rows: dict[str, list[Any]] = {name: [] for name in DECODED.names}
     for path in paths["path"].to_pylist():
-        item = prepare_or_error(path, manifest)
+        item, digest = prepare_input(path, manifest, content_hash)
         values: tuple[Any, ...]
         if isinstance(item, PreparedImage):
             values = (item.pixels.tobytes(), item.width, item.height, *item.bucket, None)
         else:
             values = (None, None, None, None, None, item)
         rows["path"].append(path)
-        for name, value in zip(DECODED.names[3:], values, strict=True):
+        rows["sha256"].append(digest)
+        for name, value in zip(DECODED.names[5:], values, strict=True):
             rows[name].append(value)
-    rows[SHARD] = paths[SHARD].to_pylist()
-    rows[POSITION] = paths[POSITION].to_pylist()
+    for name in (SHARD, POSITION, "id"):
+        rows[name] = paths[name].to_pylist()
     return pa.table(rows, schema=DECODED)
 
 
@@ -123,7 +126,9 @@ class ExtractFeatures:
         rows = decoded.to_pylist()
         items = ((i, _prepared(row)) for i, row in enumerate(rows))
         features = self.extractor.extract_prepared(items, len(rows), self.options.batch_size)
-        table = shard_rows([row["path"] for row in rows], features, self.options)
+        paths, ids = [row["path"] for row in rows], [row["id"] for row in rows]
+        hashes = [row["sha256"] for row in rows]
+        table = shard_rows(paths, ids, features, self.options, hashes)
         return table.append_column(SHARD, decoded[SHARD]).append_column(POSITION, decoded[POSITION])
 
 
@@ -202,16 +207,21 @@ class _Reassembly:
 def _blocks(
     shards: Iterable[Shard], options: IndexOptions
 ) -> tuple[list[pa.Table], dict[int, int]]:
-    """Blocks of (shard, position, path) rows to send, and each pending shard's size."""
+    """Blocks of (shard, position, id, path) rows to send, and each pending shard's size."""
     block_rows = options.batch_size * ENGINE_BATCHES_PER_RAY_BATCH
     blocks: list[pa.Table] = []
     sizes: dict[int, int] = {}
-    for k, paths in shards:
+    for k, paths, ids in shards:
         sizes[k] = len(paths)
         for start in range(0, len(paths), block_rows):
-            chunk = paths[start : start + block_rows]
-            positions = list(range(start, start + len(chunk)))
-            blocks.append(pa.table({SHARD: [k] * len(chunk), POSITION: positions, "path": chunk}))
+            end = min(start + block_rows, len(paths))
+            columns: dict[str, list[Any]] = {
+                SHARD: [k] * (end - start),
+                POSITION: list(range(start, end)),
+                "id": ids[start:end],
+                "path": paths[start:end],
+            }
+            blocks.append(pa.table(columns))
     return blocks, sizes
 
 
@@ -236,7 +246,7 @@ def _results(
     dataset = ray.data.from_arrow(blocks)
     decoded = dataset.map_batches(
         decode_block,
-        fn_kwargs={"engine": str(engine)},
+        fn_kwargs={"engine": str(engine), "content_hash": options.content_hash},
         batch_format="pyarrow",
         batch_size=None,  # one block of paths per task
         # What a decoding task holds at most (a large photo being decoded, a block of resized

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,6 +120,38 @@ def test_ray_job_equals_the_local_job_and_resumes(
     resumed = run_index(collection, narrow_engine, out, options, RayExecutor())
     assert (resumed.written_shards, resumed.processed, resumed.images) == (2, 20, 36)
     assert_same_rows(read_output(out), read_output(local_output))
+
+
+def test_ray_continues_an_incremental_run_like_the_local_job(
+    ray_local: None, narrow_engine: Path, collection: Path, tmp_path: Path
+) -> None:
+    """After SOURCE changed (files removed, renamed, added), a Ray rerun plans, rewrites and
+    numbers exactly as a local rerun of the same OUTDIR does; --content-hash in both."""
+    source = tmp_path / "c"
+    shutil.copytree(collection, source)
+    options = IndexOptions(**{**OPTIONS, "content_hash": True})
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    run_index(source, narrow_engine, local, options, LocalExecutor(workers=0), progress=False)
+    shutil.copytree(local, remote)
+    (source / "set0" / "img0000.jpg").unlink()
+    (source / "bad" / "notes.jpg").unlink()
+    (source / "set1" / "img0001.jpg").rename(source / "set1" / "zz0001.jpg")
+    for name in ("img0002.jpg", "img0005.jpg"):
+        shutil.copyfile(source / "set2" / name, source / "set2" / f"new-{name}")
+    reports = [
+        run_index(source, narrow_engine, out, options, executor, progress=False)
+        for out, executor in ((local, LocalExecutor(workers=0)), (remote, RayExecutor()))
+    ]
+    changes = [(r.new, r.gone, r.processed, r.written_shards, r.rewritten_shards) for r in reports]
+    assert changes[0] == changes[1] == (3, 3, 3, 1, 3)
+    names = sorted(p.name for p in remote.glob("part-*.parquet"))
+    assert names == sorted(p.name for p in local.glob("part-*.parquet"))
+    for name in names:
+        got, want = pq.read_table(remote / name), pq.read_table(local / name)
+        assert_same_rows(got, want)
+        assert got["sha256"].to_pylist() == want["sha256"].to_pylist()
+    plans = [json.loads((d / "_manifest.json").read_text())["plan"] for d in (local, remote)]
+    assert plans[0] == plans[1]
 
 
 def extraction_actors() -> dict[int, str]:
