@@ -47,7 +47,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .api import Features
 from .atomic import write_json
@@ -56,7 +55,7 @@ from .images import ImageError, PreparedImage, image_size, prepare_image
 from .index_sources import IndexJobError, iter_sources, limited
 from .locks import exclusive_lock
 from .manifest import EngineManifest, package_version
-from .parquet import features_table, write_table
+from .parquet import features_table, read_table, write_table
 from .settings import NORMALIZATIONS
 
 RUN_MANIFEST = "_manifest.json"
@@ -362,7 +361,7 @@ def plan_index(
     done, where, failed = [], [], []
     for k, part in files.items():
         try:
-            table = pq.read_table(part, columns=["id", "status"])
+            table = read_table(part, columns=["id", "status"])
         except Exception as err:
             raise IndexJobError(
                 f"{part}: unreadable shard ({err}); delete it to index its inputs again"
@@ -433,7 +432,7 @@ def apply_removals(out: Path, plan: Plan) -> None:
             part.unlink()
             log.info("index: removed %s (all its inputs are gone)", part.name)
             continue
-        table = pq.read_table(part)
+        table = read_table(part)
         stay = ~_member(_id_numbers(table["id"].to_pylist(), part), np.sort(ids))
         write_table(table.filter(pa.array(stay)), part)
         log.info("index: rewrote %s without %d rows", part.name, int((~stay).sum()))
@@ -540,7 +539,7 @@ def _run_locked(
     finally:
         bar.close()
     for part in shard_files(out).values():
-        report.add(pq.read_table(part, columns=["status", "bucket"]))
+        report.add(read_table(part, columns=["status", "bucket"]))
     report.seconds = time.perf_counter() - started
     run["result"] = {**asdict(report), "by_bucket": dict(report.by_bucket)}
     write_json(out / RUN_MANIFEST, run)

@@ -53,26 +53,33 @@ def _walk_images(root: Path) -> Iterator[str]:
                 yield os.path.join(directory, name)
 
 
+# Text sources are read as the OS reads names: a byte that is not UTF-8 stays that byte (as
+# os.fsdecode does), so a listed name that is not UTF-8 still opens its file.
+ENCODING, ERRORS = "utf-8", "surrogateescape"
+
+
 def _table_columns(source: Path) -> list[str]:
     if source.suffix.lower() == ".parquet":
-        return list(pq.ParquetFile(source).schema_arrow.names)
-    with open(source, newline="", encoding="utf-8") as f:
+        with open(source, "rb") as f:  # an open file: pyarrow refuses names that are not UTF-8
+            return list(pq.ParquetFile(f).schema_arrow.names)
+    with open(source, newline="", encoding=ENCODING, errors=ERRORS) as f:
         return next(csv.reader(f), [])
 
 
 def _parquet_paths(source: Path, column: str) -> Iterator[str]:
-    for batch in pq.ParquetFile(source).iter_batches(columns=[column], batch_size=4096):
-        yield from (str(p) for p in batch.column(0).to_pylist())
+    with open(source, "rb") as f:
+        for batch in pq.ParquetFile(f).iter_batches(columns=[column], batch_size=4096):
+            yield from (str(p) for p in batch.column(0).to_pylist())
 
 
 def _csv_paths(source: Path, column: str) -> Iterator[str]:
-    with open(source, newline="", encoding="utf-8") as f:
+    with open(source, newline="", encoding=ENCODING, errors=ERRORS) as f:
         for row in csv.DictReader(f):
             yield row[column]
 
 
 def _text_paths(source: Path) -> Iterator[str]:
-    with open(source, encoding="utf-8") as f:
+    with open(source, encoding=ENCODING, errors=ERRORS) as f:
         for line in f:
             if line.strip() and not line.startswith("#"):
                 yield line.rstrip("\n")

@@ -41,14 +41,15 @@ def holder_record() -> str:
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "python"
     record = {"pid": os.getpid(), "host": socket.gethostname(), "started": started}
-    return json.dumps({**record, "command": command})
+    line = f"pid {record['pid']} on {record['host']} since {started}: {command}"
+    # `holder` first: `cat` on the lock file reads as a sentence; the fields are for programs.
+    return json.dumps({"holder": line, **record, "command": command})
 
 
 def describe_holder(text: str) -> str:
     """A lock file's record in one line: "pid N on HOST since TIME: COMMAND"."""
     try:
-        info = json.loads(text)
-        return f"pid {info['pid']} on {info['host']} since {info['started']}: {info['command']}"
+        return str(json.loads(text)["holder"])
     except (ValueError, KeyError, TypeError):
         return text.strip() or "another process"
 

@@ -108,6 +108,13 @@ def write_table(table: pa.Table, path: str | os.PathLike[str]) -> Path:
     return target
 
 
+def read_table(path: str | os.PathLike[str], columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file read through an open file (as write_table writes it): any name the OS
+    allows, UTF-8 or not."""
+    with open(path, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
 def layer_matrix(table: pa.Table, layer: str) -> np.ndarray:
     """float32 [N, D] of one layer column, null rows as NaN; no copy when there are no nulls."""
     column = table[layer].combine_chunks()

@@ -99,6 +99,25 @@ def test_non_utf8_names_through_extract_and_index(narrow_engine: Path, tmp_path:
     assert ids[os.fsencode(good)] == hashlib.sha1(os.fsencode(good)).hexdigest()[:16]
 
 
+def test_non_utf8_list_file_and_outdir_resume(narrow_engine: Path, tmp_path: Path) -> None:
+    """A list file naming a file that is not UTF-8, into an OUTDIR whose own name is not UTF-8:
+    indexed, then a rerun finds it done (the shards are read back through open files)."""
+    good = imagegen.jpeg(tmp_path, 256, 256, name=NAME)
+    listing = tmp_path / os.fsdecode(b"list\xfc.txt")
+    listing.write_bytes(os.fsencode(good) + b"\n")
+    out = tmp_path / os.fsdecode(b"index\xfb")
+    args = ["index", str(listing), "--engine", str(narrow_engine), "-o", str(out), "--workers", "0"]
+    first = run(*args)
+    assert first.returncode == EXIT_OK and "Traceback" not in first.stderr, first.stderr
+    again = run(*args)
+    assert again.returncode == EXIT_OK, again.stderr
+    assert "0 new, 0 gone" in again.stderr, again.stderr
+    parts = sorted(out.glob("part-*.parquet"))
+    with open(parts[0], "rb") as f:
+        row = pq.read_table(f).to_pylist()[0]
+    assert len(parts) == 1 and row["status"] == "ok" and row["path_bytes"] == os.fsencode(good)
+
+
 # --- 2. files that are not images --------------------------------------------------------------
 
 
@@ -300,7 +319,9 @@ def test_signal_mid_index(
         time.sleep(0.01)
     (os.killpg if group else os.kill)(process.pid, signum)
     stdout, stderr = process.communicate(timeout=60)
-    assert (process.returncode, stderr, stdout) == (code, f"interactive index: {line}\n", "")
+    # Progress lines ("index: ...", e.g. the plan at start) aside, one line says what happened.
+    said = [text for text in stderr.splitlines() if not text.startswith("index: ")]
+    assert (process.returncode, said, stdout) == (code, [f"interactive index: {line}"], "")
     done = len(list(out.glob("part-*.parquet")))
     assert 1 <= done < IMAGES // 4, "the signal must land mid-run"
     assert not list(out.glob(".*.tmp")), "a temporary file was left"
