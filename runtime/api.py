@@ -20,7 +20,7 @@ from .images import (
     describe,
     prepare_image,
 )
-from .manifest import EngineManifest, heatmap_name
+from .manifest import BadBucketError, EngineManifest, heatmap_name
 from .settings import NORMALIZATIONS
 
 log = logging.getLogger("interactive")
@@ -88,6 +88,7 @@ class Extractor:
     def __init__(self, manifest: EngineManifest, backend: Backend) -> None:
         self.manifest = manifest
         self.backend = backend
+        self._bad_buckets: dict[tuple[int, int], str] = {}  # bucket -> why its graph won't open
 
     @classmethod
     def open(
@@ -153,6 +154,8 @@ class Extractor:
             for i, item in items:
                 if isinstance(item, PreparedImage) and item.bucket not in exported:
                     item = str(self.manifest.missing_bucket(item.bucket))
+                if isinstance(item, PreparedImage) and item.bucket in self._bad_buckets:
+                    item = self._bad_buckets[item.bucket]
                 if isinstance(item, str):
                     features.errors[i] = item
                     log.info("skipped input %d: %s", i, item)
@@ -162,7 +165,15 @@ class Extractor:
                 yield i, item
 
         for batch in batches_by_bucket(usable(), batch_size):
-            outputs = self.backend.run(batch.bucket, batch.pixels)
+            try:
+                outputs = self.backend.run(batch.bucket, batch.pixels)
+            except BadBucketError as err:
+                # That bucket's graph cannot be opened: its images become error rows (now and
+                # for the rest of this extractor's life), the other buckets go on.
+                reason = self._bad_buckets[batch.bucket] = str(err)
+                log.warning("%s", reason)
+                features.errors.update(dict.fromkeys(batch.indices, reason))
+                continue
             self._store(features, batch.indices, outputs)
         return features
 

@@ -17,14 +17,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 
 from interactive.export import exporter
 from interactive.export.exporter import ExportValidationError, export_engine
 from interactive.export.spec import random_state_dict
 from interactive.runtime import Extractor
 from interactive.runtime import weights as weights_module
+from interactive.runtime.backends import open_backend
 from interactive.runtime.backends.sessions import TELEMETRY_VARIABLE
 from interactive.runtime.cli import main as cli_main
 from interactive.runtime.locks import ENGINE_LOCK, LockedError, exclusive_lock
@@ -322,22 +325,49 @@ def test_malformed_tensor_entries_and_the_cli(narrow_engine: Path, tmp_path: Pat
 
 
 def test_a_garbage_bucket_graph_is_a_bad_bucket_error(narrow_engine: Path, tmp_path: Path) -> None:
+    """The backend raises BadBucketError naming the file; an extraction turns that bucket's
+    images into error rows and goes on with the other buckets (index does not abort)."""
     engine = copy_engine(narrow_engine, tmp_path)
     (engine / "bucket-256x256.onnx").write_bytes(os.urandom(4096))
     (engine / "bucket-288x224.onnx").unlink()
+    cases = [((256, 256), "INVALID_PROTOBUF"), ((288, 224), "NO_SUCHFILE")]
+    backend = open_backend(EngineManifest.load(engine), "ort")
+    for bucket, why in cases:
+        image = np.full((1, bucket[1], bucket[0], 3), 120, np.uint8)
+        with pytest.raises(BadBucketError, match=why) as caught:
+            backend.run(bucket, image)
+        assert caught.value.bucket == bucket
+        assert f"bucket-{bucket[0]}x{bucket[1]}.onnx" in str(caught.value)
+    backend.close()
     with Extractor.open(engine) as ex:
-        for bucket, why in [((256, 256), "INVALID_PROTOBUF"), ((288, 224), "NO_SUCHFILE")]:
-            image = np.full((bucket[1], bucket[0], 3), 120, np.uint8)
-            with pytest.raises(BadBucketError, match=why) as caught:
-                ex.extract([image])
-            assert caught.value.bucket == bucket
-            assert f"bucket-{bucket[0]}x{bucket[1]}.onnx" in str(caught.value)
-        assert not ex.extract([np.full((288, 224, 3), 120, np.uint8)]).errors  # 224x288 works
+        images = [np.full((b[1], b[0], 3), 120, np.uint8) for b, _ in cases]
+        images.append(np.full((288, 224, 3), 120, np.uint8))  # 224x288 works
+        features = ex.extract(images)
+        for i, (bucket, why) in enumerate(cases):
+            assert (
+                why in features.errors[i]
+                and f"bucket-{bucket[0]}x{bucket[1]}.onnx" in (features.errors[i])
+            )
+        assert 2 not in features.errors and bool(features.ok[2]) and not features.ok[:2].any()
+    out = tmp_path / "f.parquet"
     result = cli(
-        "extract", "--engine", str(engine), "-o", str(tmp_path / "f.parquet"),
+        "extract", "--engine", str(engine), "-o", str(out),
         str(next(p for p in photos() if p.name.startswith("coffee"))),  # bucket 288x224
     )  # fmt: skip
-    assert_one_line_error(result, "extract", "bucket-288x224.onnx", "cannot open this graph")
+    assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr
+    assert "bucket-288x224.onnx" in result.stderr and "cannot open this graph" in result.stderr
+    status = pq.read_table(out)["status"].to_pylist()
+    assert len(status) == 1 and "bucket-288x224.onnx" in status[0]
+    # index: the bad buckets' rows say why, the good bucket's row is ok, the job finishes (3).
+    source = tmp_path / "source"
+    source.mkdir()
+    for bucket, _ in [*cases, ((224, 288), "")]:
+        Image.new("RGB", bucket, (120, 90, 60)).save(source / f"{bucket[0]}x{bucket[1]}.png")
+    result = cli("index", str(source), "--engine", str(engine), "-o", str(tmp_path / "index"))
+    assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr
+    rows = {r["bucket"]: r["status"] for r in pq.read_table(tmp_path / "index").to_pylist()}
+    assert rows["224x288"] == "ok" and "INVALID_PROTOBUF" in rows["256x256"], rows
+    assert "bucket-288x224.onnx" in rows["288x224"], rows
 
 
 def test_unreadable_empty_and_truncated_weights(narrow_engine: Path, tmp_path: Path) -> None:
