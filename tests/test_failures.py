@@ -287,6 +287,13 @@ def test_unreadable_engine_is_one_line(tmp_path: Path) -> None:
 IMAGES = 40  # 10 shards of 4
 
 
+def default_sigint() -> None:
+    """In the child: SIGINT as a terminal gives it. A shell without job control starts
+    background commands with SIGINT ignored, and Python then leaves it ignored (the job would
+    run to the end): the test must not depend on how pytest itself was started."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture(scope="module")
 def many_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("many")
@@ -312,7 +319,7 @@ def test_signal_mid_index(
     args += ["--batch-size", "2", "--shard-size", "4", "--workers", "2", "--no-progress"]
     process = subprocess.Popen(
         [*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
+        start_new_session=True, preexec_fn=default_sigint,
     )  # fmt: skip
     deadline = time.time() + 60
     while not (out / "part-00000.parquet").exists() and time.time() < deadline:
