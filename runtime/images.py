@@ -11,10 +11,19 @@ Policies a caller may care about:
   displayed sizes.
 - Alpha and transparency are dropped, not composited onto a background: the colour stored under a
   transparent pixel is kept.
-- Colour profiles (ICC) are ignored; CMYK uses Pillow's plain CMYK -> RGB conversion.
+- Colour profiles (ICC): an RGB image (or palette image) with an embedded RGB profile other than
+  sRGB is converted to sRGB with ``PIL.ImageCms`` (littleCMS, its default perceptual intent); an
+  sRGB profile, no profile, or a greyscale or CMYK one leaves the pixels as Pillow decodes them
+  (CMYK uses Pillow's plain CMYK -> RGB conversion). A profile littleCMS cannot read is ignored
+  (logged at debug level), never an error.
+- Formats: JPEG (and MPO), PNG, GIF, BMP, TIFF, WebP, PPM, AVIF where this Pillow decodes it, and
+  HEIC/HEIF through the optional ``pillow-heif`` plugin (``pip install 'interactive[heic]'``);
+  nothing else, so that Pillow never hands a file to Ghostscript (EPS, PS, PDF).
 - 16-bit greyscale (``I;16*``) is scaled to 8 bits with 65535 -> 255; mode ``I`` (32-bit) is read
   as 16-bit data (clipped to 0..65535, then scaled); mode ``F`` is read on Pillow's 0..255 scale.
 - Animations: only the first frame is used.
+- A ``PIL.Image.Image`` input is treated as a decoded file: EXIF orientation, mode conversion and
+  ICC as above, on a copy (the caller's image is never changed or closed).
 - Only numpy and Pillow are used; this module must never import torch.
 """
 
@@ -22,7 +31,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import io
+import logging
 import os
 import stat
 import struct
@@ -32,11 +43,13 @@ from dataclasses import dataclass
 from typing import TypeAlias
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps
+from PIL import ExifTags, Image, ImageCms, ImageOps
 
 from .paths import display_name
 
-ImageSource: TypeAlias = str | os.PathLike[str] | bytes | np.ndarray
+ImageSource: TypeAlias = str | os.PathLike[str] | bytes | np.ndarray | Image.Image
+
+_log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 100_000_000
 
@@ -45,6 +58,14 @@ _SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 # Raster photo formats only: Pillow would otherwise hand EPS/PDF-like inputs to external programs
 # (Ghostscript), an attack route for a service that reads untrusted files.
 PHOTO_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")  # JPEG opens MPO too
+# Also allowed when this Pillow can open them: AVIF (Pillow's own plugin, built with libavif) and
+# HEIF (registered by the optional pillow-heif package).
+OPTIONAL_FORMATS = ("AVIF", "HEIF")
+HEIC_HINT = "HEIC/HEIF image: decoding it needs pillow-heif: pip install pillow-heif"
+AVIF_HINT = "AVIF image: this Pillow cannot decode AVIF (needs Pillow >= 11.2 built with libavif)"
+# ISO base media (HEIF family) brands, at bytes 8-12 after "ftyp" at bytes 4-8.
+_HEIC_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs"})
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
 # Formats decoded by libjpeg, whose DCT scaling Pillow exposes through Image.draft.
 _DRAFT_FORMATS = frozenset({"JPEG", "MPO"})
 # Pillow's plugins signal corrupt or truncated data with many exception types; any of these
@@ -106,6 +127,8 @@ def describe(source: object) -> str:
         return f"<bytes {len(source)}>"
     if isinstance(source, str | os.PathLike):
         return display_name(os.fsdecode(source))
+    if isinstance(source, Image.Image):
+        return f"<PIL image {source.mode} {source.width}x{source.height}>"
     return f"<{type(source).__name__}>"
 
 
@@ -200,7 +223,9 @@ def _file_object(source: object, label: str) -> str | io.BytesIO:
         path = os.fsdecode(source)
         _stat_file(path, label)
         return path
-    raise ImageError(label, "unsupported input type (expected a path, bytes or a numpy array)")
+    raise ImageError(
+        label, "unsupported input type (expected a path, bytes, a numpy array or a PIL image)"
+    )
 
 
 def _check_pixels(size: tuple[int, int], label: str, max_pixels: int) -> None:
@@ -215,6 +240,37 @@ def _check_pixels(size: tuple[int, int], label: str, max_pixels: int) -> None:
         )
 
 
+@functools.cache
+def allowed_formats() -> tuple[str, ...]:
+    """The formats ``Image.open`` may try: PHOTO_FORMATS plus the OPTIONAL_FORMATS this Pillow
+    (and pillow-heif, registered here when importable) can open. Computed once per process."""
+    with contextlib.suppress(ImportError):
+        from pillow_heif import register_heif_opener  # type: ignore[import-not-found,unused-ignore]
+
+        register_heif_opener()
+    Image.init()  # registers every plugin (MPO, TIFF, WEBP, AVIF)
+    return PHOTO_FORMATS + tuple(f for f in OPTIONAL_FORMATS if f in Image.OPEN)
+
+
+def _unidentified_reason(fp: str | io.BytesIO) -> str:
+    """Why a file Pillow could not identify is refused: a HEIC or AVIF file this process cannot
+    decode says what it needs; anything else is not an image."""
+    head = b""
+    with contextlib.suppress(OSError):
+        if isinstance(fp, io.BytesIO):
+            head = fp.getvalue()[:12]
+        else:
+            with open(fp, "rb") as f:
+                head = f.read(12)
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        if brand in _HEIC_BRANDS and "HEIF" not in allowed_formats():
+            return HEIC_HINT
+        if brand in _AVIF_BRANDS and "AVIF" not in allowed_formats():
+            return AVIF_HINT
+    return "not an image (cannot identify format)"
+
+
 @contextlib.contextmanager
 def _opened(source: object, label: str, max_pixels: int) -> Iterator[Image.Image]:
     """Open ``source`` (header only) and refuse it if it claims more than ``max_pixels``."""
@@ -224,10 +280,9 @@ def _opened(source: object, label: str, max_pixels: int) -> Iterator[Image.Image
         # MAX_IMAGE_PIXELS) must not leak to the caller. Its hard error (twice that) still fires.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            Image.init()  # registers every plugin (MPO, TIFF, WEBP); cheap after the first call
-            im = Image.open(fp, formats=PHOTO_FORMATS)
+            im = Image.open(fp, formats=allowed_formats())
     except Image.UnidentifiedImageError:
-        raise ImageError(label, "not an image (cannot identify format)") from None
+        raise ImageError(label, _unidentified_reason(fp)) from None
     except Image.DecompressionBombError as e:
         raise ImageError(label, f"refused as a possible decompression bomb: {e}") from None
     except OSError as e:
@@ -334,13 +389,53 @@ def _float_to_uint8(values: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(v, 0.0, 255.0)).astype(np.uint8)
 
 
+_SRGB = ImageCms.createProfile("sRGB")
+# Modes whose colours an RGB profile describes (after conversion to RGB).
+_RGB_PROFILE_MODES = frozenset({"RGB", "RGBA", "RGBX", "RGBa", "P", "PA"})
+
+
+@functools.lru_cache(maxsize=32)
+def _srgb_transform(icc: bytes) -> ImageCms.ImageCmsTransform | None:
+    """The RGB -> sRGB transform for an embedded profile; None when the pixels stay as they are
+    (sRGB itself, not an RGB profile, or unreadable: logged). Cached: a collection holds few."""
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        space = profile.profile.xcolor_space
+        description = ImageCms.getProfileDescription(profile) or ""
+        if space.strip() != "RGB":
+            _log.debug("ICC profile %r is %r, not RGB: ignored", description, space)
+            return None
+        if "srgb" in description.lower():
+            return None
+        return ImageCms.buildTransform(profile, _SRGB, "RGB", "RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError, AttributeError) as e:
+        _log.debug("embedded ICC profile ignored (%s: %s)", type(e).__name__, e)
+        return None
+
+
+def _to_srgb(im: Image.Image, icc: object, label: str) -> Image.Image:
+    """An RGB image converted from its embedded profile to sRGB (unchanged when not needed)."""
+    if not isinstance(icc, bytes) or not icc:
+        return im
+    transform = _srgb_transform(icc)
+    if transform is None:
+        return im
+    try:
+        converted = ImageCms.applyTransform(im, transform)
+    except (ImageCms.PyCMSError, OSError, ValueError) as e:
+        _log.debug("%s: ICC conversion failed, profile ignored (%s)", label, e)
+        return im
+    return im if converted is None else converted
+
+
 def _to_rgb_array(im: Image.Image, label: str) -> np.ndarray:
-    """Any Pillow mode -> HxWx3 uint8 RGB, C-contiguous and writable."""
+    """Any Pillow mode -> HxWx3 uint8 RGB, C-contiguous and writable (sRGB: see ICC above)."""
     mode = im.mode
     if mode == "I" or mode.startswith("I;16"):
         return _grey_to_rgb(_scale_16bit(np.asarray(im)))
     if mode == "F":
         return _grey_to_rgb(_float_to_uint8(np.asarray(im)))
+    icc = im.info.get("icc_profile") if mode in _RGB_PROFILE_MODES else None
     if mode != "RGB":
         try:
             if "transparency" in im.info:
@@ -350,7 +445,25 @@ def _to_rgb_array(im: Image.Image, label: str) -> np.ndarray:
             im = im.convert("RGB")
         except ValueError as e:
             raise ImageError(label, f"unsupported image mode {mode}: {e}") from None
+    if icc:
+        im = _to_srgb(im, icc, label)
     return np.array(im, dtype=np.uint8)
+
+
+def _decode_pil(source: Image.Image, label: str, max_pixels: int) -> Image.Image:
+    """A caller's PIL image, decoded like a file: a copy with EXIF orientation applied."""
+    _check_pixels(source.size, label, max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            oriented = ImageOps.exif_transpose(source)  # a new image (a copy when upright)
+    except OSError as e:
+        if e.errno is not None:
+            raise ImageError(label, os_error_reason(e)) from None
+        raise ImageError(label, f"truncated or corrupt image data: {e}") from None
+    except _DECODE_ERRORS as e:  # also a closed image (ValueError)
+        raise ImageError(label, f"truncated or corrupt image data: {e}") from None
+    return oriented
 
 
 def _check_array(pixels: np.ndarray, label: str) -> None:
@@ -386,6 +499,9 @@ def image_size(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
     if isinstance(source, np.ndarray):
         _check_array(source, label)
         return int(source.shape[1]), int(source.shape[0])
+    if isinstance(source, Image.Image):
+        _check_pixels(source.size, label, max_pixels)
+        return _displayed_size(source, label)
     with _opened(source, label, max_pixels) as im:
         return _displayed_size(im, label)
 
@@ -398,8 +514,9 @@ def load_image(
 ) -> np.ndarray:
     """Decode ``source`` into an HxWx3 uint8 RGB array (C-contiguous), EXIF orientation applied.
 
-    ``source``: a path, the encoded bytes of an image file, or an array (HxWx3 uint8 is returned as
-    is, HxW uint8 is replicated to 3 channels, HxWx4 uint8 loses its alpha).
+    ``source``: a path, the encoded bytes of an image file, a ``PIL.Image.Image`` (decoded like a
+    file, on a copy), or an array (HxWx3 uint8 is returned as is, HxW uint8 is replicated to 3
+    channels, HxWx4 uint8 loses its alpha).
 
     ``min_size=(W, H)``, in displayed orientation (normally the bucket), lets a JPEG at least twice
     as large in both sides be decoded at a reduced DCT scale (1/2, 1/4 or 1/8) that is still at
@@ -414,6 +531,8 @@ def load_image(
         _check_size("min_size", min_size)
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source, label)
+    if isinstance(source, Image.Image):
+        return _to_rgb_array(_decode_pil(source, label, max_pixels), label)
     with _opened(source, label, max_pixels) as im:
         decoded, _ = _decode(im, label, min_size)
         return _to_rgb_array(decoded, label)
@@ -451,6 +570,10 @@ def prepare_image(
     label = describe(source)
     if isinstance(source, np.ndarray):
         pixels = _array_to_rgb(source, label)
+        size = (pixels.shape[1], pixels.shape[0])
+        bucket = bucket_fn(*size)
+    elif isinstance(source, Image.Image):
+        pixels = _to_rgb_array(_decode_pil(source, label, max_pixels), label)
         size = (pixels.shape[1], pixels.shape[0])
         bucket = bucket_fn(*size)
     else:

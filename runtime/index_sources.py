@@ -2,6 +2,14 @@
 
 SOURCE is a directory tree (image files by suffix, walked in sorted order), a Parquet or CSV file
 with a path column, or a text file of paths (one a line; blank lines and `#` comments skipped).
+
+A relative path listed in a text, CSV or Parquet file is relative to that file's folder (as
+img2dataset reads them), not to the current directory: it is yielded joined onto the folder of
+SOURCE as SOURCE was spelled (`lists/a.txt` listing `x.jpg` yields `lists/x.jpg`; a list in the
+current directory yields its entries unchanged), so an entry names the same file, and has the
+same id (runtime/index.py `source_id`, of the absolute path), from whatever directory the job
+runs. An absolute path is yielded unchanged. Names are str as the OS gives them (undecodable
+bytes as surrogateescape), joined with os.path, never resolved through symlinks.
 To read another format, add a reader yielding paths in a stable order and dispatch to it in
 `iter_sources`; the job (runtime/index.py) cuts whatever it yields into shards.
 """
@@ -16,7 +24,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"})
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".avif", ".heic", ".heif"}
+)
 
 
 class IndexJobError(ValueError):
@@ -66,23 +76,38 @@ def _table_columns(source: Path) -> list[str]:
         return next(csv.reader(f), [])
 
 
+def _folder_of(source: Path) -> str:
+    """The folder of a list file as SOURCE spells it ("" for a file in the current directory)."""
+    return os.path.dirname(os.fspath(source))
+
+
+def _resolve(folder: str, entry: str) -> str:
+    """A listed path as seen from the current directory: relative ones are under `folder`."""
+    if not folder or not entry or os.path.isabs(entry):
+        return entry
+    return os.path.join(folder, entry)
+
+
 def _parquet_paths(source: Path, column: str) -> Iterator[str]:
+    folder = _folder_of(source)
     with open(source, "rb") as f:
         for batch in pq.ParquetFile(f).iter_batches(columns=[column], batch_size=4096):
-            yield from (str(p) for p in batch.column(0).to_pylist())
+            yield from (_resolve(folder, str(p)) for p in batch.column(0).to_pylist())
 
 
 def _csv_paths(source: Path, column: str) -> Iterator[str]:
+    folder = _folder_of(source)
     with open(source, newline="", encoding=ENCODING, errors=ERRORS) as f:
         for row in csv.DictReader(f):
-            yield row[column]
+            yield _resolve(folder, row[column])
 
 
 def _text_paths(source: Path) -> Iterator[str]:
+    folder = _folder_of(source)
     with open(source, encoding=ENCODING, errors=ERRORS) as f:
         for line in f:
             if line.strip() and not line.startswith("#"):
-                yield line.rstrip("\n")
+                yield _resolve(folder, line.rstrip("\n"))
 
 
 def limited(sources: Iterator[str], limit: int | None) -> Iterator[str]:
