@@ -10,7 +10,9 @@ Per bucket and precision the builder writes two small files beside `weights.bin`
 - `bucket-WxH.PRECISION.plan`: the engine, built weight-stripped (STRIP_PLAN + REFIT_IDENTICAL),
   so it holds kernels and no weights; the runtime refits it from the graph above at load.
 and records the build facts in the manifest (`tensorrt.plans[bucket][precision]`): TensorRT
-version, GPU and compute capability, precision, batch range, workspace, seconds, seed scale. One
+version, GPU and compute capability, precision, batch range, workspace, seconds, seed scale,
+and a self-check (`self_check_plan`: the plan loaded and refitted as the runtime does, run
+once, judged against ONNX Runtime on the CPU). One
 timing cache per GPU architecture and TensorRT version is reused across buckets and builds.
 
 For fp16/bf16, one more file per precision, shared by every bucket: `weights.PRECISION.bin`,
@@ -519,6 +521,8 @@ def _build_plans_locked(
         }
         section["plans"].setdefault(format_size(bucket), {})[settings.precision] = facts
         write_manifest(manifest.directory, manifest.data)
+        facts["self_check"] = self_check_plan(manifest, bucket, settings.precision, log)
+        write_manifest(manifest.directory, manifest.data)
         log(
             f"[{n}/{len(buckets)}] {format_size(bucket)} {settings.precision}: "
             f"{facts['build_seconds']:.0f} s, {path.name} ({len(plan) / 2**20:.1f} MiB)"
@@ -560,3 +564,79 @@ def _build_plan(
     if plan is None:
         raise EngineError(f"TensorRT could not build {graph.name} (see its log above)")
     return bytes(plan)
+
+
+SELF_CHECK_IMAGES = 2
+SELF_CHECK_SEED = 1234
+
+
+def self_check_plan(
+    manifest: EngineManifest,
+    bucket: tuple[int, int],
+    precision: str,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Load a plan just built as the runtime does (sources verified, deserialised, refitted,
+    the refitter's missing weights listed), run it once on seeded random images, and judge it
+    with conformance_report at `precision`'s tolerance against ONNX Runtime (CPU) running the
+    same .trt.onnx graph; for bf16, whose convolutions ONNX Runtime's CPU provider does not
+    implement, against the bucket's exported float32 graph. Returns the record build_plans
+    keeps in the plan's facts (`self_check`). A check that cannot run is recorded and logged
+    with its error, not raised: the plan is built either way."""
+    import numpy as np
+
+    from interactive.runtime.backends.sessions import (
+        BadGraphError,
+        engine_initializers,
+        ort_session,
+    )
+    from interactive.runtime.conformance import conformance_report
+    from interactive.runtime.manifest import is_heatmap
+
+    from .tensorrt_backend import TensorRTBackend
+
+    label = f"{format_size(bucket)} {precision}"
+    record: dict[str, Any] = {
+        "checked_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "images": SELF_CHECK_IMAGES,
+        "seed": SELF_CHECK_SEED,
+    }
+    try:
+        width, height = bucket
+        rng = np.random.default_rng(SELF_CHECK_SEED)
+        images = rng.integers(0, 256, (SELF_CHECK_IMAGES, height, width, 3), dtype=np.uint8)
+        backend = TensorRTBackend(manifest, precision=precision, lazy=False, max_open_buckets=1)
+        try:
+            refit = backend.plan(bucket).refit_report
+            record["refit_weights"] = len(refit.get("weights", []))
+            record["refit_missing"] = list(refit.get("missing", []))[:20]
+            got = backend.run(bucket, images)
+        finally:
+            backend.close()
+        graph = manifest.directory / graph_name(bucket, precision)
+        initializers = engine_initializers(manifest)
+        try:
+            session = ort_session(graph, initializers, providers=["CPUExecutionProvider"])
+        except BadGraphError:
+            if precision != "bf16":
+                raise
+            graph = manifest.bucket_path(bucket)
+            session = ort_session(graph, initializers, providers=["CPUExecutionProvider"])
+        record["reference"] = f"onnxruntime CPU, {graph.name}"
+        names = manifest.outputs
+        want = dict(zip(names, session.run(names, {manifest.input_name: images}), strict=True))
+        report = conformance_report(got, want, precision, f"TensorRT {label} self-check")
+        features_ok = not [c for c in report.failures if not is_heatmap(c.name)]
+        record.update(
+            passed=report.ok,
+            features_passed=features_ok,
+            summary=report.summary(),
+            errors={name: float(f"{err:.3e}") for name, err in report.errors.items()},
+        )
+        log(f"{label} self-check against {record['reference']}: {report.summary()}")
+        if record["refit_missing"]:
+            log(f"{label}: the refitter misses {len(refit['missing'])} weights")
+    except Exception as err:  # a diagnostic: recorded, never fatal to the build
+        record.update(passed=False, error=f"{type(err).__name__}: {err}")
+        log(f"{label} self-check could not run: {record['error']}")
+    return record

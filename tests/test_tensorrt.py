@@ -322,6 +322,17 @@ def test_registry_skips_tensorrt_without_it(narrow_engine: Path) -> None:
     assert open_backend(manifest, "auto").name != "tensorrt"
 
 
+@pytest.mark.skipif(not NO_TENSORRT, reason="TensorRT is installed here")
+def test_self_check_records_why_it_could_not_run(engine_copy: Path) -> None:
+    from interactive.engines.tensorrt_build import self_check_plan
+
+    lines: list[str] = []
+    record = self_check_plan(EngineManifest.load(engine_copy), (256, 256), "fp16", lines.append)
+    assert record["passed"] is False and "TensorRT" in record["error"]
+    assert lines and "self-check could not run" in lines[0]
+    json.dumps(record)  # fits the manifest
+
+
 # --- plan compatibility and build facts ------------------------------------------------------
 
 
@@ -396,6 +407,8 @@ def test_plans_match_the_reference(engine_copy: Path, narrow_state_dict, precisi
     )
     facts = plan_facts(manifest, (256, 256), precision)
     assert facts is not None and facts["weight_stripped"] and facts["batch"]["max"] == 4
+    check = facts["self_check"]  # the build's own run against ONNX Runtime
+    assert "error" not in check and check["refit_missing"] == [] and check["features_passed"]
     images = _images(4, n=6)  # 6 > max batch 4: two chunks through both streams
     backend = open_backend(manifest, "tensorrt", precision=precision)
     got = backend.run((256, 256), images)
