@@ -298,15 +298,15 @@ def reduced_initializer(init: Any, low: int, suffix: str, reduced: dict[str, Any
     if init.data_location != onnx.TensorProto.EXTERNAL:
         twin.raw_data = reduced_bytes(onnx.numpy_helper.to_array(init), precision)
         return twin
-    entry = (reduced or {}).get("tensors", {}).get(init.name)
-    if entry is None:
+    entry = reduced.get("tensors", {}).get(init.name) if reduced else None
+    if reduced is None or entry is None:
         raise ValueError(
             f"weight {init.name!r} of a lowered node is not in "
             f"{(reduced or {}).get('file', reduced_weights_name(precision))}"
         )
     twin.data_location = onnx.TensorProto.EXTERNAL
     for key, value in (
-        ("location", str(reduced["file"])),  # type: ignore[index]  # not None: entry found
+        ("location", str(reduced["file"])),
         ("offset", str(entry["offset"])),
         ("length", str(entry["length"])),
     ):
