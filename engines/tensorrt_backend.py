@@ -1,11 +1,12 @@
 """`backend="tensorrt"`: TensorRT plans built by `interactive build --backend tensorrt`.
 
 An engine directory's plans are weight-stripped: `bucket-WxH.PRECISION.plan` holds the kernels,
-and the weights are refitted at load from the directory's one `weights.bin`, through the
-TensorRT graph the builder wrote beside it (`bucket-WxH.PRECISION.trt.onnx`) and the ONNX
-parser's refitter. A plan is tied to its TensorRT version and GPU architecture: the manifest
-records both (`tensorrt.plans[bucket][precision]`), and a plan built for another is refused
-with the command that rebuilds it.
+and the weights are refitted at load from the directory's one `weights.bin` (and, for fp16/bf16,
+its one reduced copy `weights.PRECISION.bin`, shared by all buckets), through the TensorRT graph
+the builder wrote beside it (`bucket-WxH.PRECISION.trt.onnx`) and the ONNX parser's refitter;
+both files are checked against the manifest's sha256s first. A plan is tied to its TensorRT
+version and GPU architecture: the manifest records both (`tensorrt.plans[bucket][precision]`),
+and a plan built for another is refused with the command that rebuilds it.
 
 Per bucket, the plan is deserialised on first use and kept in a bounded LRU with its device
 buffers. A batch goes through two CUDA streams: the uint8 pixels (4x fewer bytes than float)
@@ -44,6 +45,7 @@ from .tensorrt_plans import (
     plan_name,
     tensorrt_module,
     tensorrt_section,
+    verify_reduced_weights,
 )
 
 if TYPE_CHECKING:  # mypy checks the TensorRT calls against tensorrt-stubs
@@ -111,6 +113,7 @@ class _BucketPlan:
                 f"TensorRT could not load {plan_name(bucket, precision)} (see its log); rebuild "
                 f"it with `{build_command(manifest, precision, [bucket], force=True)}`"
             )
+        verify_refit_sources(manifest, precision)
         self.refit_report = _refit(
             logger, engine, manifest.directory / graph_name(bucket, precision)
         )
@@ -236,6 +239,17 @@ class _BucketPlan:
             cuda_call(rt.cudaEventDestroy(slot.uploaded))
             cuda_call(rt.cudaEventDestroy(slot.done))
         self.slots = []
+
+
+def verify_refit_sources(manifest: EngineManifest, precision: str) -> None:
+    """Check the files a refit reads against the manifest's sha256s before TensorRT reads them
+    (it reads external data itself, past the runtime's checks): weights.bin's tensors and, for
+    fp16/bf16, weights.PRECISION.bin. Both checks are remembered per process and file state."""
+    from interactive.runtime.weights import verify_weights
+
+    verify_weights(manifest.weights_path, manifest.data["weights"]["tensors"])
+    if precision != "fp32":
+        verify_reduced_weights(manifest, precision)
 
 
 def _refit(logger: trt.ILogger, engine: trt.ICudaEngine, graph: Path) -> dict[str, Any]:

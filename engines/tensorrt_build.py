@@ -5,17 +5,29 @@ the onnx package only; building the plans (`build_plans`) needs TensorRT and a G
 
 Per bucket and precision the builder writes two small files beside `weights.bin`:
 - `bucket-WxH.PRECISION.trt.onnx`: the bucket's graph prepared for TensorRT (below), its
-  initializers still pointing into `weights.bin`;
+  float32 initializers still pointing into `weights.bin`, for fp16/bf16 its reduced ones into
+  `weights.PRECISION.bin`;
 - `bucket-WxH.PRECISION.plan`: the engine, built weight-stripped (STRIP_PLAN + REFIT_IDENTICAL),
   so it holds kernels and no weights; the runtime refits it from the graph above at load.
 and records the build facts in the manifest (`tensorrt.plans[bucket][precision]`): TensorRT
-version, GPU and compute capability, precision, batch range, workspace, seconds, seed scale. One
+version, GPU and compute capability, precision, batch range, workspace, seconds, seed scale,
+and a self-check (`self_check_plan`: the plan loaded and refitted as the runtime does, run
+once, judged against ONNX Runtime on the CPU). One
 timing cache per GPU architecture and TensorRT version is reused across buckets and builds.
+
+For fp16/bf16, one more file per precision, shared by every bucket: `weights.PRECISION.bin`,
+the weights.bin tensors that lowered nodes take, converted once to the reduced type (fp16: IEEE
+half; bf16: float32's upper 16 bits rounded to nearest even), 64 KiB-aligned like weights.bin,
+recorded in the manifest (`tensorrt.reduced_weights[precision]`: file, bytes, sha256, and per
+tensor offset, length, dtype, shape, sha256, source_sha256). The graphs take these as
+initializers of the reduced type, never as Casts of float32 weights: TensorRT folds a Cast of a
+constant into a constant of its own, which a weight-stripped plan may keep (unstripped) or the
+refitter may fail to fill.
 
 The graph for TensorRT: the uint8 input is cast to float first (TensorRT takes uint8 only as a
 network input). For fp16/bf16 the network is strongly typed (TensorRT 11 has no other kind):
-convolutions, their ReLUs and the max pools run in the reduced type, weights cast once at build
-time; everything else (the seed, ReLU masks, routing, channel and box sums, means, outputs)
+convolutions, their ReLUs and the max pools run in the reduced type, their weights stored in
+it; everything else (the seed, ReLU masks, routing, channel and box sums, means, outputs)
 stays float32, and the seed gradient is multiplied by REDUCED_SEED_SCALE where it enters the
 backward pass and every output divided by it, so that no gradient underflows (export/ALGORITHM.md
 section 6; everything after the seed is linear in it).
@@ -36,7 +48,17 @@ from interactive.runtime.locks import ENGINE_LOCK, exclusive_lock
 from interactive.runtime.manifest import EngineError, EngineManifest, write_manifest
 from interactive.runtime.settings import PRECISIONS, REDUCED_SEED_SCALE, seed_scale_for
 
-from .tensorrt_plans import graph_name, here_facts, plan_name, tensorrt_module, tensorrt_section
+from .tensorrt_plans import (
+    REDUCED_DTYPES,
+    graph_name,
+    here_facts,
+    plan_name,
+    reduced_weights_entry,
+    reduced_weights_name,
+    tensorrt_module,
+    tensorrt_section,
+    verify_reduced_weights,
+)
 
 if TYPE_CHECKING:  # mypy checks the TensorRT calls against tensorrt-stubs
     import tensorrt as trt
@@ -44,6 +66,8 @@ if TYPE_CHECKING:  # mypy checks the TensorRT calls against tensorrt-stubs
 # The work that reduced precision speeds up; every other node stays float32.
 REDUCED_OPS = frozenset({"Conv", "ConvTranspose", "Relu", "MaxPool"})
 BF16_OPSET = 22
+REDUCED_ONNX_TYPES = {"fp16": 10, "bf16": 16}  # onnx.TensorProto.FLOAT16, BFLOAT16
+ALIGNMENT = 64 * 1024  # of every tensor in a reduced weights file, as in weights.bin
 REDUCE_OPS = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2"})
 
 
@@ -82,10 +106,17 @@ class BuildSettings:
 # --- the graph TensorRT builds from (pure ONNX; tested on the CPU) ----------------------------
 
 
-def tensorrt_graph(model: Any, precision: str, seed_scale: float = REDUCED_SEED_SCALE) -> Any:
+def tensorrt_graph(
+    model: Any,
+    precision: str,
+    seed_scale: float = REDUCED_SEED_SCALE,
+    reduced: dict[str, Any] | None = None,
+) -> Any:
     """A copy of a bucket's ONNX model prepared for TensorRT at `precision` (module docstring).
 
     `seed_scale` applies to fp16/bf16 only; fp32 graphs compute exactly what the export did.
+    `reduced` (fp16/bf16): the manifest's entry for the precision's reduced weights file
+    (`write_reduced_weights`), where the lowered operations' external weights are read from.
     """
     import onnx
 
@@ -95,8 +126,7 @@ def tensorrt_graph(model: Any, precision: str, seed_scale: float = REDUCED_SEED_
     _cast_input_first(graph)
     if precision != "fp32":
         scale_seed(graph, seed_scale)
-        low = {"fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}[precision]
-        lower_precision(graph, low, precision)
+        lower_precision(graph, REDUCED_ONNX_TYPES[precision], precision, reduced)
     if precision == "bf16":  # ONNX allows bfloat16 convolutions and pools from opset 22 on
         for opset in prepared.opset_import:
             if opset.domain in ("", "ai.onnx"):
@@ -189,14 +219,33 @@ def _divide_output(graph: Any, output: str, divisor: str) -> None:
     graph.node.insert(list(graph.node).index(producer) + 1, div)
 
 
-def lower_precision(graph: Any, low: int, suffix: str) -> int:
-    """Run REDUCED_OPS nodes in type `low` (casting their inputs, weights included, once each)
-    and cast their results back to float32 where another node or an output takes them.
-    Returns the number of nodes lowered."""
+def _lowered(node: Any) -> bool:
+    """Whether `lower_precision` runs `node` in the reduced type. The box sums of the activeness
+    collection (all-ones kernels) add up to thousands of scaled gradients: float32, like the
+    other sums."""
+    return node.op_type in REDUCED_OPS and not any(i.startswith("box_") for i in node.input)
+
+
+def lowered_initializers(graph: Any) -> set[str]:
+    """The initializers that lowered nodes take (the weights a reduced graph needs reduced)."""
+    initializers = {t.name for t in graph.initializer}
+    return {i for n in graph.node if _lowered(n) for i in n.input if i in initializers}
+
+
+def lower_precision(
+    graph: Any, low: int, suffix: str, reduced: dict[str, Any] | None = None
+) -> int:
+    """Run REDUCED_OPS nodes in type `low` and cast their results back to float32 where another
+    node or an output takes them. Their weights are initializers of type `low`, never casts:
+    small ones (inside the graph) converted in place, the others read from `reduced`'s file
+    (external data; `reduced` is the manifest entry of `write_reduced_weights`). Their other
+    inputs are cast once each. Returns the number of nodes lowered."""
     import onnx
 
+    initializers = {t.name: t for t in graph.initializer}
     native: set[str] = set()  # tensors a lowered node produced (type `low`)
     casts: dict[str, str] = {}  # tensor -> its cast twin
+    twins: dict[str, Any] = {}  # initializer -> its reduced twin
     nodes = []
 
     def cast(name: str, to: int, tag: str) -> str:
@@ -207,14 +256,18 @@ def lower_precision(graph: Any, low: int, suffix: str) -> int:
             )
         return casts[name]
 
+    def twin(name: str) -> str:
+        if name not in twins:
+            twins[name] = reduced_initializer(initializers[name], low, suffix, reduced)
+        return str(twins[name].name)
+
     lowered = 0
     for node in graph.node:
-        # The box sums of the activeness collection (all-ones kernels) add up to thousands of
-        # scaled gradients: float32, like the other sums.
-        box = any(name.startswith("box_") for name in node.input)
-        if node.op_type in REDUCED_OPS and not box:
+        if _lowered(node):
             for k, name in enumerate(node.input):
-                if name and name not in native:
+                if name in initializers:
+                    node.input[k] = twin(name)
+                elif name and name not in native:
                     node.input[k] = cast(name, low, suffix)
             native.update(node.output)
             lowered += 1
@@ -228,17 +281,162 @@ def lower_precision(graph: Any, low: int, suffix: str) -> int:
         raise ValueError(f"outputs {sorted(outputs & native)} would be reduced precision")
     del graph.node[:]
     graph.node.extend(nodes)
+    used = {i for n in graph.node for i in n.input} | outputs
+    kept = [t for t in graph.initializer if t.name in used]  # fp32 weights no node takes: gone
+    del graph.initializer[:]
+    graph.initializer.extend(kept + list(twins.values()))
     return lowered
 
 
-def write_tensorrt_graph(manifest: EngineManifest, bucket: tuple[int, int], precision: str) -> Path:
-    """bucket-WxH.PRECISION.trt.onnx beside the bucket's graph; its weights stay in weights.bin."""
+def reduced_initializer(init: Any, low: int, suffix: str, reduced: dict[str, Any] | None) -> Any:
+    """`init`'s twin of type `low`, named NAME.SUFFIX: inside the graph when `init` is, else
+    pointing into the reduced weights file."""
+    import onnx
+
+    precision = {v: k for k, v in REDUCED_ONNX_TYPES.items()}[low]
+    twin = onnx.TensorProto(name=f"{init.name}.{suffix}", data_type=low, dims=list(init.dims))
+    if init.data_location != onnx.TensorProto.EXTERNAL:
+        twin.raw_data = reduced_bytes(onnx.numpy_helper.to_array(init), precision)
+        return twin
+    entry = reduced.get("tensors", {}).get(init.name) if reduced else None
+    if reduced is None or entry is None:
+        raise ValueError(
+            f"weight {init.name!r} of a lowered node is not in "
+            f"{(reduced or {}).get('file', reduced_weights_name(precision))}"
+        )
+    twin.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (
+        ("location", str(reduced["file"])),
+        ("offset", str(entry["offset"])),
+        ("length", str(entry["length"])),
+    ):
+        item = twin.external_data.add()
+        item.key, item.value = key, value
+    return twin
+
+
+def bfloat16_bits(array: Any) -> Any:
+    """float32 values as bfloat16 bit patterns (uint16): the upper 16 bits of each float32,
+    rounded to nearest, ties to even; NaNs stay (quiet) NaNs, infinities infinities."""
+    import numpy as np
+
+    bits = np.ascontiguousarray(array, np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(np.asarray(array, np.float32))
+    return np.where(nan, ((bits >> 16) | 0x0040).astype(np.uint16), rounded)
+
+
+def reduced_bytes(array: Any, precision: str) -> bytes:
+    """float32 `array` in fp16 (IEEE half, numpy's round to nearest even) or bf16, as ONNX raw
+    data (little-endian)."""
+    import numpy as np
+
+    if precision == "fp16":
+        return bytes(np.ascontiguousarray(array, np.float32).astype("<f2").tobytes())
+    if precision == "bf16":
+        return bytes(bfloat16_bits(array).astype("<u2").tobytes())
+    raise ValueError(f"no reduced type for precision {precision!r}")
+
+
+def reduced_tensor_names(manifest: EngineManifest) -> list[str]:
+    """The weights.bin tensors that some bucket's lowered nodes take, in weights.bin's order."""
+    import onnx
+
+    table = manifest.data["weights"]["tensors"]
+    names: set[str] = set()
+    for bucket in manifest.buckets:
+        model = onnx.load(str(manifest.bucket_path(bucket)), load_external_data=False)
+        names |= lowered_initializers(model.graph) & set(table)
+    return sorted(names, key=lambda n: int(table[n]["offset"]))
+
+
+def write_reduced_weights(
+    manifest: EngineManifest, precision: str, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Make sure weights.PRECISION.bin holds, in the reduced type, every weights.bin tensor the
+    directory's lowered nodes take, and that the manifest records it
+    (`tensorrt.reduced_weights[precision]`); returns that entry. Written once and shared by
+    every bucket's graph; rewritten (atomically) only when a tensor is missing or its weights.bin
+    source changed, keeping the recorded tensors first so their offsets stay. The caller holds
+    the engine lock (build_plans does) and the manifest is rewritten when the file is."""
+    import hashlib
+
+    from interactive.runtime.weights import mapped_weights
+
+    table = manifest.data["weights"]["tensors"]
+    wanted = reduced_tensor_names(manifest)
+    entry = reduced_weights_entry(manifest, precision)
+    if entry is not None:
+        recorded = entry.get("tensors", {})
+        fresh = all(
+            n in recorded and recorded[n].get("source_sha256") == table[n].get("sha256")
+            for n in wanted
+        )
+        if fresh:
+            try:
+                return verify_reduced_weights(manifest, precision)
+            except EngineError as err:
+                log(f"rewriting {reduced_weights_name(precision)}: {err}")
+        else:
+            log(f"rewriting {reduced_weights_name(precision)}: new or changed weights")
+        wanted = [n for n in recorded if n in table] + [n for n in wanted if n not in recorded]
+    arrays = mapped_weights(manifest.weights_path, table).arrays
+    name = reduced_weights_name(precision)
+    tensors: dict[str, dict[str, Any]] = {}
+    file_digest = hashlib.sha256()
+    size = 0
+    with atomic_path(manifest.directory / name) as tmp, open(tmp, "wb") as f:
+        for tensor in wanted:
+            data = reduced_bytes(arrays[tensor], precision)
+            offset = -(-size // ALIGNMENT) * ALIGNMENT
+            pad = b"\0" * (offset - size)
+            f.write(pad)
+            f.write(data)
+            file_digest.update(pad)
+            file_digest.update(data)
+            size = offset + len(data)
+            tensors[tensor] = {
+                "offset": offset,
+                "length": len(data),
+                "dtype": REDUCED_DTYPES[precision],
+                "shape": list(table[tensor]["shape"]),
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "source_sha256": table[tensor].get("sha256"),
+            }
+        f.flush()
+    entry = {
+        "file": name,
+        "bytes": size,
+        "sha256": file_digest.hexdigest(),
+        "alignment": ALIGNMENT,
+        "source": manifest.data["weights"]["file"],
+        "source_sha256": manifest.data["weights"].get("sha256"),
+        "tensors": tensors,
+    }
+    section = tensorrt_section(manifest)
+    section.setdefault("reduced_weights", {})[precision] = entry
+    manifest.data["tensorrt"] = section
+    write_manifest(manifest.directory, manifest.data)
+    log(f"{name}: {len(tensors)} tensors in {precision}, {size / 2**20:.1f} MiB")
+    return entry
+
+
+def write_tensorrt_graph(
+    manifest: EngineManifest,
+    bucket: tuple[int, int],
+    precision: str,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """bucket-WxH.PRECISION.trt.onnx beside the bucket's graph. Its float32 weights stay in
+    weights.bin; for fp16/bf16 the lowered nodes' weights are read from weights.PRECISION.bin,
+    written first if needed (`write_reduced_weights`: the caller holds the engine lock)."""
     import onnx
 
     model = onnx.load(str(manifest.bucket_path(bucket)), load_external_data=False)
+    reduced = None if precision == "fp32" else write_reduced_weights(manifest, precision, log)
     path = manifest.directory / graph_name(bucket, precision)
     with atomic_path(path) as tmp:
-        onnx.save(tensorrt_graph(model, precision), str(tmp))
+        onnx.save(tensorrt_graph(model, precision, reduced=reduced), str(tmp))
     return path
 
 
@@ -304,7 +502,7 @@ def _build_plans_locked(
             log(f"{label}: plan exists (--force rebuilds)")
             continue
         started = time.perf_counter()
-        graph = write_tensorrt_graph(manifest, bucket, settings.precision)
+        graph = write_tensorrt_graph(manifest, bucket, settings.precision, log)
         plan = _build_plan(builder, logger, graph, manifest.input_name, bucket, settings, cache)
         path = write_bytes(manifest.directory / plan_name(bucket, settings.precision), plan)
         write_bytes(cache_file, bytes(cache.serialize()))
@@ -322,6 +520,8 @@ def _build_plans_locked(
             "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         section["plans"].setdefault(format_size(bucket), {})[settings.precision] = facts
+        write_manifest(manifest.directory, manifest.data)
+        facts["self_check"] = self_check_plan(manifest, bucket, settings.precision, log)
         write_manifest(manifest.directory, manifest.data)
         log(
             f"[{n}/{len(buckets)}] {format_size(bucket)} {settings.precision}: "
@@ -364,3 +564,79 @@ def _build_plan(
     if plan is None:
         raise EngineError(f"TensorRT could not build {graph.name} (see its log above)")
     return bytes(plan)
+
+
+SELF_CHECK_IMAGES = 2
+SELF_CHECK_SEED = 1234
+
+
+def self_check_plan(
+    manifest: EngineManifest,
+    bucket: tuple[int, int],
+    precision: str,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Load a plan just built as the runtime does (sources verified, deserialised, refitted,
+    the refitter's missing weights listed), run it once on seeded random images, and judge it
+    with conformance_report at `precision`'s tolerance against ONNX Runtime (CPU) running the
+    same .trt.onnx graph; for bf16, whose convolutions ONNX Runtime's CPU provider does not
+    implement, against the bucket's exported float32 graph. Returns the record build_plans
+    keeps in the plan's facts (`self_check`). A check that cannot run is recorded and logged
+    with its error, not raised: the plan is built either way."""
+    import numpy as np
+
+    from interactive.runtime.backends.sessions import (
+        BadGraphError,
+        engine_initializers,
+        ort_session,
+    )
+    from interactive.runtime.conformance import conformance_report
+    from interactive.runtime.manifest import is_heatmap
+
+    from .tensorrt_backend import TensorRTBackend
+
+    label = f"{format_size(bucket)} {precision}"
+    record: dict[str, Any] = {
+        "checked_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "images": SELF_CHECK_IMAGES,
+        "seed": SELF_CHECK_SEED,
+    }
+    try:
+        width, height = bucket
+        rng = np.random.default_rng(SELF_CHECK_SEED)
+        images = rng.integers(0, 256, (SELF_CHECK_IMAGES, height, width, 3), dtype=np.uint8)
+        backend = TensorRTBackend(manifest, precision=precision, lazy=False, max_open_buckets=1)
+        try:
+            refit = backend.plan(bucket).refit_report
+            record["refit_weights"] = len(refit.get("weights", []))
+            record["refit_missing"] = list(refit.get("missing", []))[:20]
+            got = backend.run(bucket, images)
+        finally:
+            backend.close()
+        graph = manifest.directory / graph_name(bucket, precision)
+        initializers = engine_initializers(manifest)
+        try:
+            session = ort_session(graph, initializers, providers=["CPUExecutionProvider"])
+        except BadGraphError:
+            if precision != "bf16":
+                raise
+            graph = manifest.bucket_path(bucket)
+            session = ort_session(graph, initializers, providers=["CPUExecutionProvider"])
+        record["reference"] = f"onnxruntime CPU, {graph.name}"
+        names = manifest.outputs
+        want = dict(zip(names, session.run(names, {manifest.input_name: images}), strict=True))
+        report = conformance_report(got, want, precision, f"TensorRT {label} self-check")
+        features_ok = not [c for c in report.failures if not is_heatmap(c.name)]
+        record.update(
+            passed=report.ok,
+            features_passed=features_ok,
+            summary=report.summary(),
+            errors={name: float(f"{err:.3e}") for name, err in report.errors.items()},
+        )
+        log(f"{label} self-check against {record['reference']}: {report.summary()}")
+        if record["refit_missing"]:
+            log(f"{label}: the refitter misses {len(refit['missing'])} weights")
+    except Exception as err:  # a diagnostic: recorded, never fatal to the build
+        record.update(passed=False, error=f"{type(err).__name__}: {err}")
+        log(f"{label} self-check could not run: {record['error']}")
+    return record

@@ -8,7 +8,9 @@ backend (tensorrt_backend) both depend on this one and never on each other at im
 
 from __future__ import annotations
 
+import hashlib
 import shlex
+from pathlib import Path
 from typing import Any
 
 from interactive.runtime.buckets import format_size
@@ -139,3 +141,71 @@ def here_facts(manifest: EngineManifest, device: int = 0) -> dict[str, str]:
     if sha:
         facts["weights_sha256"] = str(sha)
     return facts
+
+
+# --- the reduced-precision weights files (one per precision, shared by every bucket) ----------
+
+REDUCED_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
+
+
+def reduced_weights_name(precision: str) -> str:
+    """weights.fp16.bin / weights.bf16.bin: the weights that fp16/bf16 TensorRT graphs' reduced
+    operations take, in that type, converted once from weights.bin."""
+    if precision not in REDUCED_DTYPES:
+        raise ValueError(f"no reduced weights file for precision {precision!r}")
+    return f"weights.{precision}.bin"
+
+
+def reduced_weights_entry(manifest: EngineManifest, precision: str) -> dict[str, Any] | None:
+    """manifest["tensorrt"]["reduced_weights"][precision] (file, bytes, sha256, tensors), or
+    None when that precision's file was never written."""
+    found: dict[str, Any] | None = (
+        tensorrt_section(manifest).get("reduced_weights", {}).get(precision)
+    )
+    return found
+
+
+_file_digests: dict[tuple[str, int, int], str] = {}  # (resolved path, size, mtime_ns) -> sha256
+
+
+def file_sha256(path: Path) -> str:
+    """The file's sha256, remembered per process while its size and modification time hold."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _file_digests:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+        _file_digests[key] = digest.hexdigest()
+    return _file_digests[key]
+
+
+def verify_reduced_weights(manifest: EngineManifest, precision: str) -> dict[str, Any]:
+    """The manifest's entry for `precision`'s reduced weights file, after checking the file
+    against it: its name, size and sha256, and every tensor's bytes (EngineError naming the file
+    and the fix otherwise)."""
+    from interactive.runtime.weights import verify_weights
+
+    expected = reduced_weights_name(precision)
+    rebuild = build_command(manifest, precision, force=True)
+    entry = reduced_weights_entry(manifest, precision)
+    if entry is None:
+        raise EngineError(
+            f"{manifest.directory}: the manifest records no {expected}; rebuild with `{rebuild}`"
+        )
+    if entry.get("file") != expected:
+        raise EngineError(
+            f"{manifest.directory}: tensorrt.reduced_weights.{precision}.file must be "
+            f"{expected!r}, got {entry.get('file')!r}"
+        )
+    path = manifest.directory / expected
+    if not path.is_file():
+        raise EngineError(f"{path} is missing; rebuild the plans with `{rebuild}`")
+    if path.stat().st_size != entry.get("bytes") or file_sha256(path) != entry.get("sha256"):
+        raise EngineError(
+            f"{path} does not match the size and sha256 in the manifest (corrupt or changed "
+            f"after the build); rebuild with `{rebuild}`"
+        )
+    verify_weights(path, entry["tensors"])  # each tensor's bytes (cached per file state)
+    return entry

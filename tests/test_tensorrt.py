@@ -4,6 +4,7 @@ manifest's build facts), and the plans themselves under the `tensorrt` marker.""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 import shutil
@@ -16,7 +17,6 @@ import pytest
 import torch
 
 from interactive.engines.tensorrt_build import (
-    REDUCED_OPS,
     BuildSettings,
     build_plans,
     scale_seed,
@@ -128,10 +128,12 @@ def test_fp16_graph_is_within_reduced_tolerance(engine_copy: Path, narrow_state_
     Runtime's CPU half-precision kernels: 2e-2 and cosine 0.999 per feature (export/ALGORITHM.md).
     """
     manifest = EngineManifest.load(engine_copy)
-    path = write_tensorrt_graph(manifest, (256, 256), "fp16")
+    path = write_tensorrt_graph(manifest, (256, 256), "fp16", log=lambda line: None)
     model = onnx.load(str(path), load_external_data=False)
     ops = Counter(n.op_type for n in model.graph.node)
     assert ops["Div"] >= len(manifest.outputs) and ops["Cast"] > 20
+    reduced = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16}
+    assert len(reduced) > 20  # the weights are fp16 initializers, mostly in weights.fp16.bin
     images = _images(3, n=3)
     session = ort_session(path, engine_initializers(manifest), providers=["CPUExecutionProvider"])
     got = dict(
@@ -146,25 +148,136 @@ def test_fp16_graph_is_within_reduced_tolerance(engine_copy: Path, narrow_state_
 def test_reduced_graphs_lower_the_convolutions_only(
     engine_copy: Path, precision: str, onnx_type: int
 ) -> None:
+    """Lowered nodes take reduced-precision initializers (no Cast of a weight, which TensorRT
+    would fold into unstrippable constants), the large ones in weights.PRECISION.bin."""
     manifest = EngineManifest.load(engine_copy)
     model = onnx.load(str(manifest.bucket_path((256, 256))), load_external_data=False)
     original = Counter(n.op_type for n in model.graph.node)
-    path = write_tensorrt_graph(manifest, (256, 256), precision)
+    path = write_tensorrt_graph(manifest, (256, 256), precision, log=lambda line: None)
     onnx.checker.check_model(str(path), full_check=True)  # types and shapes infer
     prepared = onnx.load(str(path), load_external_data=False)
-    low_inputs = {
-        n.output[0] for n in prepared.graph.node
-        if n.op_type == "Cast" and n.attribute[0].i == onnx_type
-    }  # fmt: skip
+    inits = {t.name: t for t in prepared.graph.initializer}
+    assert not [n.name for n in prepared.graph.node if n.op_type == "Cast" and n.input[0] in inits]
     boxes = sum(1 for n in model.graph.node if any(i.startswith("box_") for i in n.input))
-    lowered = [n for n in prepared.graph.node if n.op_type in REDUCED_OPS and n.input[1:2] and
-               (n.input[1] in low_inputs)]  # fmt: skip
+    lowered = [n for n in prepared.graph.node if n.op_type in ("Conv", "ConvTranspose")
+               and inits[n.input[1]].data_type == onnx_type]  # fmt: skip
     convs = original["Conv"] + original["ConvTranspose"]
     assert len(lowered) == convs - boxes  # every convolution with weights, none of the box sums
-    weights = {t.name for t in model.graph.initializer}
-    assert all(n.input[0] in weights for n in prepared.graph.node if n.output[0] in low_inputs
-               and n.input[0].endswith("_weight"))  # fmt: skip
+    table = manifest.data["weights"]["tensors"]
+    for node in lowered:
+        for name in node.input[1:]:
+            init = inits[name]
+            assert name.endswith(f".{precision}") and init.data_type == onnx_type
+            location = {e.key: e.value for e in init.external_data}
+            if name.removesuffix(f".{precision}") in table:  # large: in the reduced file
+                assert location["location"] == f"weights.{precision}.bin"
+            else:  # small: inside the graph, converted there
+                assert init.data_location != onnx.TensorProto.EXTERNAL and init.raw_data
+    fp32_weights = {n for n, t in inits.items() if t.data_type == onnx.TensorProto.FLOAT}
+    assert fp32_weights <= {i for n in prepared.graph.node for i in n.input}  # no dead weights
     assert {o.name for o in prepared.graph.output} == {o.name for o in model.graph.output}
+    if precision == "bf16":  # ONNX Runtime's CPU provider has no bfloat16 convolution
+        try:
+            ort_session(path, engine_initializers(manifest), providers=["CPUExecutionProvider"])
+        except EngineError as err:
+            assert "NOT_IMPLEMENTED" in str(err) and "Conv(22)" in str(err), err
+
+
+def test_reduced_weights_file_is_shared_and_verified(engine_copy: Path) -> None:
+    """One weights.fp16.bin for every bucket, written once, 64 KiB-aligned, its sha256s in the
+    manifest and checked; a flipped byte is refused and the next build rewrites the file."""
+    from interactive.engines.tensorrt_backend import verify_refit_sources
+    from interactive.engines.tensorrt_build import ALIGNMENT, bfloat16_bits
+    from interactive.engines.tensorrt_plans import file_sha256, verify_reduced_weights
+
+    manifest = EngineManifest.load(engine_copy)
+    verify_refit_sources(manifest, "fp32")  # weights.bin only
+    with pytest.raises(EngineError, match="records no weights.fp16.bin.*interactive build"):
+        verify_refit_sources(manifest, "fp16")
+    quiet = lambda line: None  # noqa: E731
+    first = write_tensorrt_graph(manifest, (256, 256), "fp16", log=quiet)
+    reduced = engine_copy / "weights.fp16.bin"
+    stamp = reduced.stat().st_mtime_ns
+    second = write_tensorrt_graph(manifest, (288, 224), "fp16", log=quiet)
+    assert reduced.stat().st_mtime_ns == stamp  # the second bucket reuses the file
+    assert sorted(p.name for p in engine_copy.glob("weights*.bin")) == [
+        "weights.bin",
+        "weights.fp16.bin",
+    ]
+    locations = []
+    for graph in (first, second):
+        assert graph.stat().st_size < 200_000
+        model = onnx.load(str(graph), load_external_data=False)
+        locations.append(
+            {t.name: tuple(e.value for e in t.external_data) for t in model.graph.initializer
+             if t.data_location == onnx.TensorProto.EXTERNAL and t.name.endswith(".fp16")}
+        )  # fmt: skip
+    assert locations[0] and locations[0] == locations[1]  # same tensors, same offsets
+    entry = EngineManifest.load(engine_copy).data["tensorrt"]["reduced_weights"]["fp16"]
+    assert entry["bytes"] == reduced.stat().st_size and entry["sha256"] == file_sha256(reduced)
+    table = manifest.data["weights"]["tensors"]
+    data = reduced.read_bytes()
+    fp32 = engine_initializers(manifest)
+    for name, tensor in entry["tensors"].items():
+        assert (
+            tensor["offset"] % ALIGNMENT == 0 and tensor["source_sha256"] == table[name]["sha256"]
+        )
+        raw = data[tensor["offset"] : tensor["offset"] + tensor["length"]]
+        assert hashlib.sha256(raw).hexdigest() == tensor["sha256"]
+        want = fp32[name].numpy()
+        np.testing.assert_array_equal(
+            np.frombuffer(raw, "<f2").reshape(want.shape), want.astype(np.float16)
+        )
+    lengths = [t["length"] for t in entry["tensors"].values()]
+    assert 2 * sum(lengths) == sum(table[n]["length"] for n in entry["tensors"])  # half of fp32
+    assert entry["bytes"] == max(t["offset"] + t["length"] for t in entry["tensors"].values())
+    verify_reduced_weights(EngineManifest.load(engine_copy), "fp16")
+    # a flipped byte: refused at load, rewritten by the next build
+    name, tensor = next(iter(entry["tensors"].items()))
+    with open(reduced, "r+b") as f:
+        f.seek(tensor["offset"] + 3)
+        byte = f.read(1)
+        f.seek(tensor["offset"] + 3)
+        f.write(bytes([byte[0] ^ 0x10]))
+    with pytest.raises(EngineError, match="weights.fp16.bin"):
+        verify_refit_sources(EngineManifest.load(engine_copy), "fp16")  # what a load checks
+    lines: list[str] = []
+    write_tensorrt_graph(EngineManifest.load(engine_copy), (256, 256), "fp16", log=lines.append)
+    assert any("rewriting weights.fp16.bin" in line for line in lines), lines
+    again = verify_reduced_weights(EngineManifest.load(engine_copy), "fp16")
+    assert again["tensors"] == entry["tensors"] and again["sha256"] == entry["sha256"]
+    # bf16: its own file, the same layout, the values within bf16's rounding of fp32
+    write_tensorrt_graph(EngineManifest.load(engine_copy), (256, 256), "bf16", log=quiet)
+    entry16 = verify_reduced_weights(EngineManifest.load(engine_copy), "bf16")
+    data16 = (engine_copy / "weights.bf16.bin").read_bytes()
+    for name, tensor in entry16["tensors"].items():
+        raw = data16[tensor["offset"] : tensor["offset"] + tensor["length"]]
+        np.testing.assert_array_equal(
+            np.frombuffer(raw, "<u2"), bfloat16_bits(fp32[name].numpy()).ravel()
+        )
+
+
+def test_bfloat16_bits_round_like_torch() -> None:
+    """float32 -> bfloat16 by round to nearest even on the upper 16 bits, as torch converts."""
+    from interactive.engines.tensorrt_build import bfloat16_bits
+
+    rng = np.random.default_rng(7)
+    values = np.concatenate([
+        (rng.standard_normal(100_000) * 10.0 ** rng.integers(-40, 38, 100_000)).astype(np.float32),
+        rng.integers(0, 2**32, 100_000, dtype=np.uint64).astype(np.uint32).view(np.float32),
+        (rng.integers(0, 2**16, 1000, dtype=np.uint32) << 16 | 0x8000).view(np.float32),  # ties
+        np.array([0.0, -0.0, np.inf, -np.inf, 3.4e38, -3.4e38, 1e-45, 65504.0], np.float32),
+    ])  # fmt: skip
+    finite = ~np.isnan(values)
+    got = bfloat16_bits(values)
+    want = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(got[finite], want[finite])
+    nan = ~finite
+    assert (
+        nan.any()
+        and torch.isnan(torch.from_numpy(got[nan].view(np.int16)).view(torch.bfloat16)).all()
+    )
+    assert bfloat16_bits(np.float32(np.nan)) == 0x7FC0
 
 
 # --- the CLI and the registry without TensorRT -----------------------------------------------
@@ -207,6 +320,17 @@ def test_registry_skips_tensorrt_without_it(narrow_engine: Path) -> None:
     with pytest.raises(EngineError, match="cannot run here"):
         open_backend(manifest, "tensorrt")
     assert open_backend(manifest, "auto").name != "tensorrt"
+
+
+@pytest.mark.skipif(not NO_TENSORRT, reason="TensorRT is installed here")
+def test_self_check_records_why_it_could_not_run(engine_copy: Path) -> None:
+    from interactive.engines.tensorrt_build import self_check_plan
+
+    lines: list[str] = []
+    record = self_check_plan(EngineManifest.load(engine_copy), (256, 256), "fp16", lines.append)
+    assert record["passed"] is False and "TensorRT" in record["error"]
+    assert lines and "self-check could not run" in lines[0]
+    json.dumps(record)  # fits the manifest
 
 
 # --- plan compatibility and build facts ------------------------------------------------------
@@ -283,6 +407,8 @@ def test_plans_match_the_reference(engine_copy: Path, narrow_state_dict, precisi
     )
     facts = plan_facts(manifest, (256, 256), precision)
     assert facts is not None and facts["weight_stripped"] and facts["batch"]["max"] == 4
+    check = facts["self_check"]  # the build's own run against ONNX Runtime
+    assert "error" not in check and check["refit_missing"] == [] and check["features_passed"]
     images = _images(4, n=6)  # 6 > max batch 4: two chunks through both streams
     backend = open_backend(manifest, "tensorrt", precision=precision)
     got = backend.run((256, 256), images)
