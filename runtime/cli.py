@@ -129,7 +129,8 @@ class HelpFormatter(argparse.HelpFormatter):
 
 def _shows_default(action: argparse.Action) -> bool:
     default = action.default
-    return bool(action.option_strings) and default not in (None, False, [], argparse.SUPPRESS)
+    hidden = default is None or default is False or default is argparse.SUPPRESS or default == []
+    return bool(action.option_strings) and not hidden
 
 
 def size_arg(text: str) -> str:
