@@ -2,12 +2,12 @@
 is run (the cheap ones, with the narrow settings the README itself uses) or parsed by the real
 parser (the expensive ones: full-width exports, benchmarks, Ray clusters, GPU checks).
 
-Run for real (about 40 s on 2 cores): the Quickstart's smoke run (export of the 1/8-width network
+Run for real (about 45 s on 2 cores): the Quickstart's smoke run (export of the 1/8-width network
 at area 256, extract of tests/data/*.jpg: exit 0), the "Indexing a collection" commands on that
-engine and the bundled photos, and the Python API block on the narrow test engine. Parsed only:
-the full-width export and extract, the Ray, build and bench commands (`parse_args` of the real
-parsers, bench's own included), `python3 bench/gpu_check.py` (its parser), and every `make`
-target (`make -n`).
+engine and the bundled photos, `make run`'s script (export/quickstart.py) on that engine, and the
+Python API block on the narrow test engine. Parsed only: the full-width export and extract, the
+Ray, build and bench commands (`parse_args` of the real parsers, bench's own included),
+`python3 bench/gpu_check.py` (its parser), and every `make` target (`make -n`).
 """
 
 from __future__ import annotations
@@ -140,6 +140,14 @@ def test_quickstart_and_index_commands_run(tmp_path: Path) -> None:
         result = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True)
         assert result.returncode == 0, (command, result.stderr.decode()[-2000:])
     assert (tmp_path / "smoke.parquet").is_file()
+    # `make run`'s script on the same engine (its buckets are there: nothing is exported again).
+    quickstart = [sys.executable, "-m", "interactive.export.quickstart", "tests/data", "--out", "q",
+                  "--engine", "engines/smoke", "--weights", "random:0", "--width-div", "8",
+                  "--area", "256"]  # fmt: skip
+    result = subprocess.run(quickstart, cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "RANDOM weights (random:0)" in result.stderr
+    assert (tmp_path / "q" / "features.parquet").is_file()
     assert sorted(p.name for p in (tmp_path / "index").glob("part-*.parquet"))
 
 
