@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 SOURCE ?= tests/data
 ENGINE ?=
 OUT ?= out
+# e.g. QUICKSTART_ARGS='--weights random:0 --width-div 8 --area 256': the narrow smoke network
+QUICKSTART_ARGS ?=
 # `make bench`: the default benchmark (under five minutes on a laptop CPU); a full VGG-16 engine
 # with random weights is exported first if BENCH_ENGINE holds none. More flags: BENCH_ARGS.
 BENCH_ENGINE ?= engines/vgg16-last-p2-random0
@@ -37,7 +39,8 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 install: $(VENV)/.installed
 
 run: install
-	$(BIN)/python -m interactive.export.quickstart $(SOURCE) --out $(OUT) $(if $(ENGINE),--engine $(ENGINE))
+	$(BIN)/python -m interactive.export.quickstart $(SOURCE) --out $(OUT) $(if $(ENGINE),--engine $(ENGINE)) \
+		$(QUICKSTART_ARGS)
 
 bench: install
 	test -f $(BENCH_ENGINE)/manifest.json || $(BIN)/interactive export --weights random:0 \

@@ -1,7 +1,8 @@
 """The runtime: numpy + onnxruntime + Pillow only (no torch unless a torch backend is asked for).
 
-`from interactive.runtime import Extractor` is the entry point; submodules load lazily so that
-light commands (`interactive buckets`) start fast.
+`from interactive.runtime import Extractor` is the entry point, `index_job` runs
+`interactive index` from Python; submodules load lazily so that light commands
+(`interactive buckets`) start fast.
 """
 
 from __future__ import annotations
@@ -9,9 +10,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .api import Extractor, Features
+    from .api import Extractor, Features, index_job
 
-__all__ = ["Extractor", "Features"]
+__all__ = ["Extractor", "Features", "index_job"]
 
 
 def __getattr__(name: str) -> Any:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,6 +24,12 @@ from .images import (
 from .manifest import BadBucketError, EngineManifest, heatmap_name
 from .settings import NORMALIZATIONS
 
+if TYPE_CHECKING:
+    import pandas
+    import pyarrow
+
+    from .index import IndexReport
+
 log = logging.getLogger("interactive")
 
 
@@ -33,6 +40,8 @@ class Features(Mapping[str, np.ndarray]):
     Rows of inputs that failed are NaN, and `errors[i]` says why. `sizes[i]` is the original
     (width, height) and `buckets[i]` the (W, H) it was resized to (None where unknown).
     `heatmaps[layer][i]` is image i's gamma-hat map when the engine exports heatmaps.
+    `names[i]` labels input i (its path, `<bytes N>`, `<array HxWx3 uint8>`): the `path` column
+    of `to_arrow()` / `to_pandas()`.
     """
 
     layers: dict[str, np.ndarray]
@@ -40,6 +49,47 @@ class Features(Mapping[str, np.ndarray]):
     sizes: list[tuple[int, int] | None] = field(default_factory=list)
     buckets: list[tuple[int, int] | None] = field(default_factory=list)
     heatmaps: dict[str, list[np.ndarray | None]] = field(default_factory=dict)
+    names: list[str] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        """`Features(N=5, failed=1, layers={pool-1: 64, pool-2: 128}, heatmaps)`."""
+        dims = ", ".join(f"{t}: {rows.shape[1]}" for t, rows in self.layers.items())
+        extra = ", heatmaps" if self.heatmaps else ""
+        return f"Features(N={len(self.sizes)}, failed={len(self.errors)}, layers={{{dims}}}{extra})"
+
+    def to_arrow(
+        self,
+        paths: Sequence[str | os.PathLike[str]] | None = None,
+        *,
+        layers: Sequence[str] | None = None,
+        normalize: str = "none",
+        concat: bool = False,
+        heatmaps: bool = False,
+    ) -> pyarrow.Table:
+        """The rows as `interactive extract` writes them (path, path_bytes, width, height, bucket,
+        one fixed_size_list<float32> column per layer or one `features` with `concat`, status;
+        runtime/parquet.features_table). `paths` default to `names`."""
+        from .parquet import features_table
+
+        labels = list(paths) if paths is not None else self._labels()
+        if len(labels) != len(self.sizes):
+            raise ValueError(f"{len(labels)} paths for {len(self.sizes)} rows")
+        return features_table(
+            [os.fspath(p) for p in labels], self,
+            layers=layers, normalize=normalize, concat=concat, heatmaps=heatmaps,
+        )  # fmt: skip
+
+    def to_pandas(
+        self, paths: Sequence[str | os.PathLike[str]] | None = None, **options: Any
+    ) -> pandas.DataFrame:
+        """`to_arrow(...).to_pandas()`: the same columns, a layer's cells as float32 arrays
+        (needs pandas)."""
+        return self.to_arrow(paths, **options).to_pandas()
+
+    def _labels(self) -> list[str]:
+        if len(self.names) == len(self.sizes):
+            return list(self.names)
+        return [f"<input {i}>" for i in range(len(self.sizes))]
 
     def __getitem__(self, layer: str) -> np.ndarray:
         try:
@@ -127,7 +177,9 @@ class Extractor:
         """
         sources = list(images)
         prepared = ((i, self.try_prepare(source)) for i, source in enumerate(sources))
-        return self.extract_prepared(prepared, len(sources), batch_size)
+        features = self.extract_prepared(prepared, len(sources), batch_size)
+        features.names = [describe(source) for source in sources]
+        return features
 
     def try_prepare(self, source: ImageSource) -> PreparedImage | str:
         """`prepare`, with an input's own failure returned as its message instead of raised."""
@@ -201,3 +253,60 @@ class Extractor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def index_job(
+    source: str | os.PathLike[str],
+    engine: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    layers: Sequence[str] | None = None,
+    normalize: str = "none",
+    concat: bool = False,
+    heatmaps: bool = False,
+    content_hash: bool = False,
+    path_column: str = "path",
+    limit: int | None = None,
+    batch_size: int = 16,
+    shard_size: int = 1000,
+    workers: int | None = None,
+    backend: str = "auto",
+    ray: str | None = None,
+    actors: int = 1,
+    overwrite: bool = False,
+    retry_failed: bool = False,
+    progress: bool | None = False,
+) -> IndexReport:
+    """`interactive index SOURCE --engine ENGINE -o OUT ...` from Python: the same job, options,
+    resume and output (README "Indexing a collection"); returns its IndexReport (`images`,
+    `errors`, `processed`, `new`, `gone`, `seconds`, `by_bucket`...).
+
+    `workers`: decoding processes (default: the cores less one; 0 decodes in this process).
+    `ray`: None runs on this machine; "local" starts a local Ray instance, "auto" or
+    "ray://HOST:10001" joins a cluster, with `actors` extraction actors. Errors in the job raise
+    (IndexJobError, LockedError when another job holds OUT); failed inputs are rows whose
+    `status` says why (`report.errors` counts them).
+    """
+    from .index import Executor, IndexOptions, run_index
+
+    options = IndexOptions(
+        batch_size=batch_size, shard_size=shard_size,
+        layers=list(layers) if layers is not None else None, normalize=normalize,
+        concat=concat, path_column=path_column, limit=limit, heatmaps=heatmaps,
+        content_hash=content_hash,
+    )  # fmt: skip
+    executor: Executor
+    if ray is not None:
+        from .ray_index import RayExecutor
+
+        executor = RayExecutor(address=None if ray == "local" else ray, actors=actors,
+                               backend=backend)  # fmt: skip
+    else:
+        from .index_local import LocalExecutor
+
+        n = max(1, (os.cpu_count() or 2) - 1) if workers is None else workers
+        executor = LocalExecutor(workers=n, backend=backend)
+    return run_index(
+        Path(source), Path(engine), Path(out), options, executor,
+        overwrite=overwrite, retry_failed=retry_failed, progress=progress,
+    )  # fmt: skip

@@ -27,12 +27,15 @@ from .optional import optional_import
 from .paths import ESCAPE_ERRORS, display_name
 from .registry import BACKENDS
 from .settings import (
+    ARCHS,
     DEFAULT_AREA_SIDE,
     NORMALIZATIONS,
     PRECISIONS,
+    VGG_BLOCKS,
     ExportSettings,
     add_export_arguments,
     comma_list,
+    random_seed,
 )
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
@@ -57,8 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     _text_streams()
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(message)s")
+    configure_logging(args.log_level)
     command = f"interactive {args.command}"
+    check = getattr(args, "check", None)
+    if check is not None:  # what the parser alone cannot see (e.g. --layers against the engine)
+        try:
+            check(args)
+        except UsageError as err:
+            args.command_parser.error(str(err))  # one line, exit 2
     signals = _SignalGuard()
     try:
         with signals:
@@ -80,6 +89,136 @@ def main(argv: list[str] | None = None) -> int:
         if args.log_level == "debug":
             traceback.print_exc()
         return EXIT_FATAL
+
+
+class UsageError(ValueError):
+    """Bad usage found after parsing (a flag that contradicts another or the engine): exit 2."""
+
+
+def configure_logging(level: str) -> None:
+    """`--log-level` applies to interactive's own loggers only: third-party ones (PIL's TIFF tags,
+    urllib3, matplotlib, fsspec...) stay at WARNING, so `--log-level debug` shows our messages."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    logging.getLogger("interactive").setLevel(level.upper())
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("interactive")
+    except PackageNotFoundError:  # run from a tree that is not installed
+        return "unknown"
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """`--help` shows each option's default (unless it is None, False, empty or already in the
+    text), also for options without a help text."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not _shows_default(action) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and _shows_default(action):
+            action.help = "(default: %(default)s)"  # argparse prints no line without a text
+        return super()._format_action(action)
+
+
+def _shows_default(action: argparse.Action) -> bool:
+    default = action.default
+    hidden = default is None or default is False or default is argparse.SUPPRESS or default == []
+    return bool(action.option_strings) and not hidden
+
+
+def size_arg(text: str) -> str:
+    """argparse `type=` for a WxH size: bad text is bad usage (exit 2); the text is kept."""
+    try:
+        parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def size_list_arg(text: str) -> str:
+    """argparse `type=` for WxH,WxH,...: each one checked, the text kept."""
+    sizes = comma_list(text)
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"expected WxH,WxH..., got {text!r}")
+    for size in sizes:
+        size_arg(size)
+    return text
+
+
+def buckets_arg(text: str) -> str:
+    """`--buckets` of export: 'common', 'all' or WxH,WxH,..."""
+    if text.strip() in ("common", "all"):
+        return text.strip()
+    try:
+        return size_list_arg(text)
+    except argparse.ArgumentTypeError as err:
+        raise argparse.ArgumentTypeError(f"expected 'common', 'all' or WxH,WxH...: {err}") from None
+
+
+def layer_names(arch: str | None = None) -> list[str]:
+    """Every layer name of `arch` (of any architecture when None), in network order."""
+    names: list[str] = []
+    for a in [arch] if arch else list(ARCHS):
+        for block, convs in enumerate(VGG_BLOCKS[a], start=1):
+            for k in range(1, convs + 1):
+                names.append(f"conv-{block}-{k}")
+            names.append(f"pool-{block}")
+        names += ["fc-6", "fc-7"]
+    return list(dict.fromkeys(names))
+
+
+def layers_arg(text: str) -> str:
+    """argparse `type=` for --layers: names a VGG network has (the engine's own list is checked
+    once it is loaded), no repeats; the text is kept."""
+    names = comma_list(text)
+    if not names:
+        raise argparse.ArgumentTypeError("no layers given")
+    unknown = [t for t in names if t not in layer_names()]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown layer{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+            f"(VGG layers are conv-B-K, pool-1..pool-5, fc-6, fc-7)"
+        )
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"layers repeated in {text!r}")
+    return text
+
+
+def _check_export(args: argparse.Namespace) -> None:
+    """The export settings' own checks (arch's layers, width_div, heatmaps with orig...)."""
+    try:
+        settings = ExportSettings.from_args(args)
+        random_seed(settings.weights)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    unknown = [t for t in settings.layers if t not in layer_names(settings.arch)]
+    if unknown:
+        raise UsageError(f"--layers {', '.join(unknown)}: {settings.arch} has no such layer")
+
+
+def _check_engine_layers(args: argparse.Namespace) -> None:
+    """--layers of index and viz against the engine's manifest (an engine that cannot be read
+    is left for the command itself to report: exit 1)."""
+    if not args.layers:
+        return
+    from .manifest import EngineManifest
+
+    try:
+        available = EngineManifest.load(args.engine).layers
+    except Exception:
+        return
+    unknown = [t for t in comma_list(args.layers) if t not in available]
+    if unknown:
+        raise UsageError(
+            f"--layers {', '.join(unknown)}: not in this engine ({', '.join(available)})"
+        )
 
 
 # The errors that explain themselves: their message is the line. Anything else is unexpected
@@ -165,8 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="interactive",
         description="InterActive deep features (Xie et al., CVPR 2016) with static ONNX engines.",
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    parser.add_argument(
+        "--log-level", default="warning", choices=LOG_LEVELS,
+        help="interactive's own messages (third-party libraries stay at warning)",
+    )  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     _add_export(sub)
@@ -193,9 +337,9 @@ def _command(
 ) -> argparse.ArgumentParser:
     """A subcommand taking the common options, run by `handler(args) -> exit code`."""
     p: argparse.ArgumentParser = sub.add_parser(
-        name, parents=[COMMON], help=help, description=description
+        name, parents=[COMMON], help=help, description=description, formatter_class=HelpFormatter
     )
-    p.set_defaults(handler=handler)
+    p.set_defaults(handler=handler, command_parser=p)
     return p
 
 
@@ -204,8 +348,10 @@ def _engine_options(p: argparse.ArgumentParser, output: str, batch_size: int = 0
     p.add_argument("--engine", required=True, type=Path, help="engine directory")
     p.add_argument("-o", "--output", required=True, type=Path, help=output)
     if batch_size:
-        p.add_argument("--backend", default="auto", choices=BACKENDS)
-        p.add_argument("--batch-size", type=positive_int, default=batch_size)
+        p.add_argument("--backend", default="auto", choices=BACKENDS, help="runtime backend")
+        p.add_argument(
+            "--batch-size", type=positive_int, default=batch_size, help="images per engine call"
+        )
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -219,10 +365,19 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, type=Path, help="engine directory (created/extended)")
     add_export_arguments(p)
+    _retype(p, layers=layers_arg, fixed=size_arg, width_div=positive_int, area=positive_int)
     p.add_argument(
-        "--buckets", default="common", help="'common', 'all', or a list WxH,WxH (default common)"
+        "--buckets", default="common", type=buckets_arg, help="'common', 'all', or WxH,WxH,..."
     )
     p.add_argument("--no-validate", action="store_true", help="skip the reference check")
+    p.set_defaults(check=_check_export)
+
+
+def _retype(p: argparse.ArgumentParser, **types: Callable[[str], Any]) -> None:
+    """Give flags added elsewhere (settings.add_export_arguments) a checking argparse type."""
+    for action in p._actions:
+        if action.dest in types:
+            action.type = types[action.dest]
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -259,10 +414,12 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
         "with.",
     )
     p.add_argument("--engine", required=True, type=Path, help="engine directory")
-    p.add_argument("--backend", required=True, choices=["tensorrt"])
-    p.add_argument("--precision", default="fp16", choices=PRECISIONS)
-    p.add_argument("--max-batch", type=int, default=8, help="profile batch range 1..B (default 8)")
-    p.add_argument("--buckets", help="WxH,WxH (default: every bucket of the engine)")
+    p.add_argument("--backend", required=True, choices=["tensorrt"], help="plan kind")
+    p.add_argument("--precision", default="fp16", choices=PRECISIONS, help="plan precision")
+    p.add_argument("--max-batch", type=positive_int, default=8, help="profile batch range 1..B")
+    p.add_argument(
+        "--buckets", type=size_list_arg, help="WxH,WxH (default: every bucket of the engine)"
+    )
     p.add_argument("--workspace", type=float, default=4.0, help="builder workspace in GB")
     p.add_argument("--lazy", action="store_true", help="build each plan on its first use instead")
     p.add_argument("--force", action="store_true", help="rebuild plans that exist")
@@ -298,11 +455,10 @@ def _add_buckets(sub: argparse._SubParsersAction) -> None:
         help="the bucket of each size, or the whole table",
         description="Print the bucket (W x H) of each given image size WxH, or the whole table.",
     )
-    p.add_argument("sizes", nargs="*", help="image sizes WxH")
+    p.add_argument("sizes", nargs="*", type=size_arg, help="image sizes WxH", metavar="WxH")
     p.add_argument(
-        "--area", type=int, default=DEFAULT_AREA_SIDE,
-        help=f"area as a square's side (default {DEFAULT_AREA_SIDE})",
-    )  # fmt: skip
+        "--area", type=_at_least(32), default=DEFAULT_AREA_SIDE, help="area as a square's side"
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -374,11 +530,13 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
             action.type = _at_least(1)
     p.add_argument(
         "--workers", type=_at_least(0), default=max(1, (os.cpu_count() or 2) - 1),
-        help="decoding processes (0: decode in the main process)",
+        help="decoding processes (0: decode in the main process; default: the cores less one)",
     )  # fmt: skip
     p.add_argument("--shard-size", type=_at_least(1), default=1000, help="rows per new shard")
-    p.add_argument("--layers", help="comma-separated subset of the engine's layers")
-    p.add_argument("--normalize", default="none", choices=NORMALIZATIONS)
+    p.add_argument(
+        "--layers", type=layers_arg, help="comma-separated subset of the engine's layers"
+    )
+    p.add_argument("--normalize", default="none", choices=NORMALIZATIONS, help="each layer's rows")
     p.add_argument("--concat", action="store_true", help="one `features` column")
     p.add_argument("--path-column", default="path", help="for Parquet/CSV sources")
     p.add_argument("--heatmaps", action="store_true", help="store small heatmaps (<= 32 px)")
@@ -396,13 +554,17 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
         "--retry-failed", action="store_true",
         help="index again the inputs whose row failed (status not ok)",
     )  # fmt: skip
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=None,
+        help="a progress bar (default: on a terminal; plain lines every 10 s otherwise)",
+    )  # fmt: skip
     p.add_argument(
         "--ray", nargs="?", const="local", metavar="ADDRESS",
         help="run on Ray (pip install 'interactive[ray]'): no ADDRESS starts a local instance; "
         "'auto' joins this machine's cluster; 'ray://HOST:10001' goes through Ray Client",
     )  # fmt: skip
     p.add_argument("--actors", type=_at_least(1), default=1, help="with --ray: extraction actors")
+    p.set_defaults(check=_check_engine_layers)
 
 
 def _at_least(minimum: int) -> Callable[[str], int]:
@@ -481,9 +643,14 @@ def _add_viz(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("image", type=Path, metavar="IMAGE")
     _engine_options(p, "output .png")
-    p.add_argument("--layers", help="comma-separated subset of the engine's layers")
-    p.add_argument("--columns", type=int, default=0, help="panels per row (0: automatic)")
-    p.add_argument("--panel-width", type=int, default=256)
+    p.add_argument(
+        "--layers", type=layers_arg, help="comma-separated subset of the engine's layers"
+    )
+    p.add_argument(
+        "--columns", type=non_negative_int, default=0, help="panels per row (0: automatic)"
+    )
+    p.add_argument("--panel-width", type=_at_least(16), default=256, help="pixels per panel")
+    p.set_defaults(check=_check_engine_layers)
 
 
 def _run_viz(args: argparse.Namespace) -> int:

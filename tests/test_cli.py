@@ -50,7 +50,7 @@ def test_buckets(capsys: pytest.CaptureFixture) -> None:
 
 def test_usage_and_fatal_exit_codes(tmp_path: Path) -> None:
     assert run("extract").returncode == EXIT_USAGE
-    assert run("buckets", "500by375").returncode == EXIT_FATAL
+    assert run("buckets", "500by375").returncode == EXIT_USAGE
     result = run("extract", "--engine", str(tmp_path), "-o", str(tmp_path / "x.parquet"), "a.jpg")
     assert result.returncode == EXIT_FATAL
     assert "not an engine directory" in result.stderr
@@ -105,3 +105,87 @@ def test_viz_writes_a_png(narrow_engine: Path, tmp_path: Path) -> None:
     with Extractor.open(narrow_engine) as ex:
         w, h = ex.prepare(photo).bucket
     assert Image.open(out).size == output_size(w, h, 2)
+
+
+def test_version(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == EXIT_OK
+    assert capsys.readouterr().out.startswith("interactive 0.")
+
+
+def test_help_shows_defaults(capsys: pytest.CaptureFixture) -> None:
+    for command, shown in [
+        ("index", ["(default: 16)", "(default: 1000)", "(default: none)", "(default: path)"]),
+        ("export", ["(default: vgg16)", "(default: common)", "(default: 512)", "(default: 1)"]),
+        ("extract", ["(default: 8)", "(default: auto)", "(default: 0)"]),
+        ("viz", ["(default: 256)"]),
+    ]:
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        for default in shown:
+            assert default in text, (command, default)
+        assert "(default: None)" not in text and "(default: False)" not in text
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["buckets", "foo"],
+        ["buckets", "--area", "0"],
+        ["export", "--out", "x", "--layers", "pool-9"],
+        ["export", "--out", "x", "--layers", "pool-1,pool-1"],
+        ["export", "--out", "x", "--layers", "conv-3-4"],  # a vgg19 layer, not vgg16's
+        ["export", "--out", "x", "--buckets", "12"],
+        ["export", "--out", "x", "--fixed", "224"],
+        ["export", "--out", "x", "--width-div", "3"],
+        ["export", "--out", "x", "--weights", "random:x"],
+        ["export", "--out", "x", "--config", "orig-avg", "--heatmaps"],
+        ["build", "--engine", "x", "--backend", "tensorrt", "--buckets", "1x"],
+        ["build", "--engine", "x", "--backend", "tensorrt", "--max-batch", "0"],
+        ["index", "src", "--engine", "x", "-o", "y", "--layers", "pool-9"],
+        ["viz", "a.jpg", "--engine", "x", "-o", "y.png", "--columns", "-1"],
+    ],
+)
+def test_bad_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == EXIT_USAGE
+    assert f"interactive {argv[0]}: error: " in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_layers_the_engine_lacks_exit_2(narrow_engine: Path, tmp_path: Path) -> None:
+    """A real layer name that this engine did not export is bad usage too, once the manifest
+    says so; an engine that cannot be read stays a fatal error (exit 1)."""
+    common = ["--engine", str(narrow_engine), "--layers", "conv-1-1"]
+    for argv in (
+        ["index", str(tmp_path), *common, "-o", str(tmp_path / "out")],
+        ["viz", str(photos()[0]), *common, "-o", str(tmp_path / "a.png")],
+    ):
+        result = run(*argv)
+        assert result.returncode == EXIT_USAGE, result.stderr
+        assert result.stderr.splitlines()[-1].startswith(f"interactive {argv[0]}: error: ")
+        assert "conv-1-1: not in this engine" in result.stderr
+    assert not (tmp_path / "out").exists()
+    bad = run("index", str(tmp_path), "--engine", str(tmp_path), "-o", str(tmp_path / "o"),
+              "--layers", "pool-1")  # fmt: skip
+    assert bad.returncode == EXIT_FATAL and "not an engine directory" in bad.stderr
+
+
+def test_log_level_is_interactive_only() -> None:
+    """`--log-level debug` turns on interactive's messages, not Pillow's TIFF tags and the like."""
+    import logging
+
+    root = logging.getLogger()
+    saved = root.level, root.handlers[:], logging.getLogger("interactive").level
+    try:
+        assert main(["--log-level", "debug", "buckets", "500x375"]) == EXIT_OK
+        assert logging.getLogger("interactive").getEffectiveLevel() == logging.DEBUG
+        assert logging.getLogger("interactive.runtime").getEffectiveLevel() == logging.DEBUG
+        for name in ("PIL", "PIL.TiffImagePlugin", "urllib3", "matplotlib", "fsspec"):
+            assert logging.getLogger(name).getEffectiveLevel() == logging.WARNING, name
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
+        logging.getLogger("interactive").setLevel(saved[2])

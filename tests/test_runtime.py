@@ -148,3 +148,67 @@ assert not bad, bad
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_features_repr_arrow_and_pandas(narrow_engine: Path, tmp_path: Path) -> None:
+    """repr says N, failures and each layer's width; to_arrow/to_pandas hold the Parquet
+    output's columns (interactive extract), `path` from the inputs' names."""
+    import pyarrow.parquet as pq
+
+    from interactive.runtime.extract import extract_to_parquet
+
+    images = [str(p) for p in photos()[:2]] + [str(tmp_path / "missing.jpg")]
+    with Extractor.open(narrow_engine) as ex:
+        feats = ex.extract(images)
+    text = repr(feats)
+    assert text.startswith("Features(N=3, failed=1, layers={pool-1: 8, pool-2: 16,")
+    assert text.endswith(", heatmaps)")
+    table = feats.to_arrow()
+    written = pq.read_table(
+        extract_to_parquet(narrow_engine, images, tmp_path / "x.parquet").output
+    )
+    assert table.column_names == written.column_names
+    assert table.column("path").to_pylist() == images
+    assert table.column("status").to_pylist()[:2] == ["ok", "ok"]
+    np.testing.assert_array_equal(
+        np.asarray(table.column("pool-3").to_pylist()[0]), feats["pool-3"][0]
+    )
+    frame = feats.to_pandas(["a", "b", "c"], concat=True, normalize="l2")
+    assert list(frame.columns) == ["path", "path_bytes", "width", "height", "bucket", "features",
+                                   "status"]  # fmt: skip
+    assert list(frame["path"]) == ["a", "b", "c"] and frame["features"][2] is None
+    with pytest.raises(ValueError, match="2 paths for 3 rows"):
+        feats.to_arrow(["a", "b"])
+
+
+def test_index_job_from_python(narrow_engine: Path, tmp_path: Path) -> None:
+    from interactive.runtime import index_job
+
+    source = tmp_path / "photos"
+    source.mkdir()
+    for p in photos()[:2]:
+        (source / p.name).write_bytes(p.read_bytes())
+    report = index_job(source, narrow_engine, tmp_path / "index", layers=["pool-3"], workers=0)
+    assert (report.images, report.errors, report.new) == (2, 0, 2)
+    again = index_job(source, narrow_engine, tmp_path / "index", layers=["pool-3"], workers=0)
+    assert (again.images, again.processed) == (2, 0)
+
+
+def test_plain_progress_lines_have_total_and_eta() -> None:
+    import time
+
+    from interactive.runtime.index_local import LiveProgress, format_duration
+
+    progress = LiveProgress(False, lambda: 100)
+    for _ in range(100):
+        if progress.total is not None:
+            break
+        time.sleep(0.01)
+    progress.done, progress.errors = 25, 2
+    line = progress.line(progress.started + 10)
+    assert line == "index: 25/100 images decoded (25%), 2 errors, 2.5 images/s, ETA 30 s"
+    unknown = LiveProgress(False, lambda: 1 // 0)  # the count failed: no total, no ETA
+    time.sleep(0.05)
+    unknown.done = 5
+    assert unknown.line(unknown.started + 1) == "index: 5 images decoded, 0 errors, 5.0 images/s"
+    assert [format_duration(s) for s in (4, 600, 7300)] == ["4 s", "10 min", "2 h 02 min"]
