@@ -176,7 +176,7 @@ class Extractor:
         self, items: Iterable[tuple[int, PreparedImage | str]], batch_size: int = 16
     ) -> Iterator[tuple[list[int], Features]]:
         """`extract_prepared`, streamed as `iter_extract` streams (failed inputs come in the
-        chunk of the next batch to finish, or in a last chunk)."""
+        chunk of the next batch to finish, after its rows, or in a last chunk)."""
         exported = set(self.manifest.buckets)
         failed: list[tuple[int, str]] = []  # failed inputs not yet yielded
         seen: dict[int, tuple[tuple[int, int], tuple[int, int]]] = {}  # i -> size, bucket
@@ -198,7 +198,7 @@ class Extractor:
         def chunk(
             indices: list[int], outputs: dict[str, np.ndarray] | None, reason: str = ""
         ) -> tuple[list[int], Features]:
-            rows = [*failed, *((i, reason) for i in indices)]
+            rows = [*((i, reason) for i in indices), *failed]
             failed.clear()
             out = self._empty(len(rows))
             for j, (i, error) in enumerate(rows):
@@ -207,7 +207,7 @@ class Extractor:
                 if i in seen:
                     out.sizes[j], out.buckets[j] = seen.pop(i)
             if outputs is not None:
-                self._store(out, list(range(len(rows) - len(indices), len(rows))), outputs)
+                self._store(out, list(range(len(indices))), outputs)
             return [i for i, _ in rows], out
 
         for batch in batches_by_bucket(usable(), batch_size):

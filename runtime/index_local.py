@@ -177,8 +177,11 @@ def _prepared_stream(
 class LiveProgress(Progress):
     """A tqdm bar on a terminal, a log line every 10 s otherwise."""
 
-    def __init__(self, enabled: bool | None, count: Callable[[], int]) -> None:
+    def __init__(
+        self, enabled: bool | None, count: Callable[[], int], label: str = "index"
+    ) -> None:
         interactive = sys.stderr.isatty() if enabled is None else enabled
+        self.label = label
         self.bar: Any = None
         if interactive:
             from tqdm import tqdm
@@ -219,7 +222,8 @@ class LiveProgress(Progress):
         if now - self.last >= 10:  # plain lines for logs and pipes, whatever the log level
             rate = self.done / (now - self.started)
             print(
-                f"index: {self.done} images decoded, {self.errors} errors, {rate:.1f} images/s",
+                f"{self.label}: {self.done} images decoded, {self.errors} errors, "
+                f"{rate:.1f} images/s",
                 file=sys.stderr,
                 flush=True,
             )
