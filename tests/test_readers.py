@@ -16,6 +16,7 @@ import pytest
 
 from interactive.runtime import Extractor
 from interactive.runtime import extract as extract_module
+from interactive.runtime import index as index_module
 from interactive.runtime.cli import EXIT_PARTIAL, EXIT_USAGE, main
 from interactive.runtime.extract import extract_to_parquet
 from interactive.runtime.index import IndexOptions, read_index, run_index
@@ -134,6 +135,33 @@ def test_embedding_reader(outdir: Path, expected) -> None:
     want = np.stack([expected[p]["fc-6"] for p in paths])
     assert sorted(paths) == sorted(expected)
     np.testing.assert_allclose(matrix, want, rtol=1e-5, atol=1e-6 * want.max())
+
+
+def test_a_crash_between_a_shards_two_files(
+    narrow_engine: Path, images, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shard k's error file written, its feature file not (killed between): the rerun indexes
+    the ok inputs again, once; the failed ones are done (ids and statuses of both files)."""
+    source = images[0][0].parent
+    out, options = tmp_path / "out", IndexOptions(batch_size=4, shard_size=100, layers=LAYERS)
+    real = index_module.write_table
+
+    def dies_on_features(table: pa.Table, path: Path) -> Path:
+        if path.suffix == ".parquet":
+            raise KeyboardInterrupt
+        return real(table, path)
+
+    monkeypatch.setattr(index_module, "write_table", dies_on_features)
+    with pytest.raises(KeyboardInterrupt):
+        run_index(source, narrow_engine, out, options, LocalExecutor(workers=0))
+    monkeypatch.undo()
+    assert [p.name for p in (out / "_errors").iterdir()] == ["part-00000.pq"]
+    assert not list(out.glob("part-*"))
+    report = run_index(source, narrow_engine, out, options, LocalExecutor(workers=0))
+    assert (report.new, report.processed, report.images, report.errors) == (8, 8, 10, 2)
+    assert sorted(p.name for p in out.glob("part-*")) == ["part-00001.parquet"]
+    ids = read_index(out)["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 10
 
 
 # ------------------------------------------------------------------------------------------------
