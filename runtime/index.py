@@ -349,6 +349,8 @@ class Plan:
     remove: dict[Path, np.ndarray]  # shard file -> ids (uint64) of its rows to remove
     occupied: dict[Path, int]  # shard files on disk -> their shard numbers
     emptied: set[Path] = field(default_factory=set)  # shard files all of whose rows go
+    # feature files holding failed rows (written before _errors/ existed): split by apply_removals
+    mixed: set[Path] = field(default_factory=set)
 
     @property
     def new(self) -> int:
@@ -432,6 +434,8 @@ def plan_index(
     numbers, starts = np.unique(done_shard[at], return_index=True)
     groups = np.split(done_ids[at], starts[1:]) if len(at) else []
     parts = list(files)
+    kept_failed = np.unique(done_shard[done_failed & ~remove_rows]).tolist()
+    mixed = {parts[n] for n in kept_failed if parts[n].parent == out}
     remove = {parts[int(n)]: ids for n, ids in zip(numbers, groups, strict=True)}
     emptied = set(remove) - {parts[n] for n in np.unique(done_shard[~remove_rows]).tolist()}
     return Plan(
@@ -444,6 +448,7 @@ def plan_index(
         remove=remove,
         occupied=files,
         emptied=emptied,
+        mixed=mixed,
     )
 
 
@@ -459,6 +464,24 @@ def apply_removals(out: Path, plan: Plan) -> None:
         stay = ~_member(_id_numbers(table["id"].to_pylist(), part), np.sort(ids))
         write_table(table.filter(pa.array(stay)), part)
         log.info("index: rewrote %s without %d rows", part.name, int((~stay).sum()))
+    for part in sorted(plan.mixed):
+        split_mixed(out, part, plan.occupied[part])
+
+
+def split_mixed(out: Path, part: Path, k: int) -> None:
+    """Move the failed rows of feature file `part` (an older layout) into error_name(k): that
+    file first (with its rows, if any), then `part` without them (or deleted). A crash between
+    leaves those ids in both files: the next plan redoes them (an id twice on disk)."""
+    ok, failed = split_status(read_table(part))
+    errors = out / error_name(k)
+    if errors.exists():
+        failed = pa.concat_tables([read_table(errors), failed], promote_options="default")
+    write_table(failed, errors)
+    if ok.num_rows:
+        write_table(ok, part)
+    else:
+        part.unlink()
+    log.info("index: moved %d failed rows of %s to %s", failed.num_rows, part.name, errors)
 
 
 # ------------------------------------------------------------------------------------------------

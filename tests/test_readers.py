@@ -4,6 +4,7 @@ documented call; `extract` streaming into a file or a directory, its -o checks, 
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +20,9 @@ from interactive.runtime import extract as extract_module
 from interactive.runtime import index as index_module
 from interactive.runtime.cli import EXIT_PARTIAL, EXIT_USAGE, main
 from interactive.runtime.extract import extract_to_parquet
-from interactive.runtime.index import IndexOptions, read_index, run_index
+from interactive.runtime.index import IndexOptions, read_index, run_index, shard_files
 from interactive.runtime.index_local import LocalExecutor
-from interactive.runtime.parquet import STATUS_COLUMNS, layer_matrix
+from interactive.runtime.parquet import STATUS_COLUMNS, layer_matrix, read_table, write_table
 
 import imagegen
 from conftest import photos
@@ -162,6 +163,28 @@ def test_a_crash_between_a_shards_two_files(
     assert sorted(p.name for p in out.glob("part-*")) == ["part-00001.parquet"]
     ids = read_index(out)["id"].to_pylist()
     assert len(ids) == len(set(ids)) == 10
+
+
+def test_an_older_outdir_is_split_on_rerun(
+    narrow_engine: Path, images, outdir: Path, tmp_path: Path
+) -> None:
+    """Failed rows inside feature shards (the layout before _errors/): a rerun moves them to
+    _errors/ without processing anything; every reader then sees the ok rows only."""
+    out = tmp_path / "old"
+    shutil.copytree(outdir, out)
+    for part, k in shard_files(out).items():
+        if part.parent != out:
+            feature = out / f"part-{k:05d}.parquet"
+            rows = [read_table(part)] + ([read_table(feature)] if feature.exists() else [])
+            merged = pa.concat_tables(rows[::-1], promote_options="default")
+            write_table(merged.select(read_table(feature).column_names), feature)
+            part.unlink()
+    assert pq.read_table(out)["fc-6"].null_count == 2
+    options = IndexOptions(batch_size=2, shard_size=4, layers=LAYERS)
+    report = run_index(images[0][0].parent, narrow_engine, out, options, LocalExecutor(workers=0))
+    assert (report.processed, report.images, report.errors) == (0, 10, 2)
+    assert pq.read_table(out)["fc-6"].null_count == 0 and pq.read_table(out).num_rows == 8
+    assert read_index(out)["id"].to_pylist() == read_index(outdir)["id"].to_pylist()
 
 
 # ------------------------------------------------------------------------------------------------
