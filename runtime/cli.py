@@ -347,13 +347,14 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
 
 
-def _extract_output(text: str) -> Path:
+def _extract_output(text: str) -> str:
     from .extract import OutputNameError, extract_output
 
     try:
-        return extract_output(text)
+        extract_output(text)  # checked here (bad usage); extract_to_parquet resolves it
     except OutputNameError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+    return text  # a str: Path would drop a trailing separator (-o DIR/)
 
 
 def _run_extract(args: argparse.Namespace) -> int:

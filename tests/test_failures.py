@@ -184,8 +184,11 @@ def test_bad_numbers_are_usage_errors(narrow_engine: Path, tmp_path: Path) -> No
 def test_unwritable_output_fails_before_the_work(narrow_engine: Path, tmp_path: Path) -> None:
     image = str(imagegen.jpeg(tmp_path, 256, 256))
     extract = ["extract", "--engine", str(narrow_engine), image, "-o"]
+    # -o DIR writes DIR/features.parquet (tests/test_readers.py); that name a directory: refused
+    blocked = tmp_path / "features.parquet"
+    blocked.mkdir()
     line = one_line_error(run(*extract, str(tmp_path)), "extract", EXIT_FATAL)
-    assert line.endswith(f"cannot write -o {tmp_path}: is a directory (give a .parquet file name)")
+    assert line.endswith(f"cannot write -o {blocked}: is a directory (give a .parquet file name)")
     line = one_line_error(run(*extract, image + "/sub/out.parquet"), "extract", EXIT_FATAL)
     assert line.endswith(f"Not a directory ({image}/sub)")
     locked = tmp_path / "locked"
