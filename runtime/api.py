@@ -173,13 +173,26 @@ class Extractor:
         """Features of every image (paths, bytes or HxWx3 uint8 arrays, any sizes).
 
         An input that cannot be read, or whose bucket has no graph, becomes `errors[i]` and a NaN
-        row; the other images are processed.
+        row; the other images are processed. Holds every row; `iter_extract` streams them.
         """
         sources = list(images)
         prepared = ((i, self.try_prepare(source)) for i, source in enumerate(sources))
         features = self.extract_prepared(prepared, len(sources), batch_size)
         features.names = [describe(source) for source in sources]
         return features
+
+    def iter_extract(
+        self, images: Iterable[ImageSource], batch_size: int = 16
+    ) -> Iterator[tuple[list[int], Features]]:
+        """`extract`, streamed: yields (positions, Features of those inputs) as batches finish.
+
+        `images` is consumed lazily (a generator of any length works) and memory stays bounded
+        by one partial batch per bucket. Each chunk's `errors` are keyed by row in the chunk;
+        `positions[j]` is row j's position in `images`. Chunks come in the order batches finish
+        (an image waits for its bucket's batch), every input exactly once.
+        """
+        prepared = ((i, self.try_prepare(source)) for i, source in enumerate(images))
+        return self.iter_prepared(prepared, batch_size)
 
     def try_prepare(self, source: ImageSource) -> PreparedImage | str:
         """`prepare`, with an input's own failure returned as its message instead of raised."""
@@ -200,21 +213,54 @@ class Extractor:
         bucket's queue until a batch is full or the items end.
         """
         features = self._empty(n)
+        for positions, chunk in self.iter_prepared(items, batch_size):
+            for layer, rows in features.layers.items():
+                rows[positions] = chunk.layers[layer]
+            for layer, maps in features.heatmaps.items():
+                for j, i in enumerate(positions):
+                    maps[i] = chunk.heatmaps[layer][j]
+            for j, i in enumerate(positions):
+                features.sizes[i], features.buckets[i] = chunk.sizes[j], chunk.buckets[j]
+            features.errors.update({positions[j]: e for j, e in chunk.errors.items()})
+        return features
+
+    def iter_prepared(
+        self, items: Iterable[tuple[int, PreparedImage | str]], batch_size: int = 16
+    ) -> Iterator[tuple[list[int], Features]]:
+        """`extract_prepared`, streamed as `iter_extract` streams (failed inputs come in the
+        chunk of the next batch to finish, after its rows, or in a last chunk)."""
         exported = set(self.manifest.buckets)
+        failed: list[tuple[int, str]] = []  # failed inputs not yet yielded
+        seen: dict[int, tuple[tuple[int, int], tuple[int, int]]] = {}  # i -> size, bucket
 
         def usable() -> Iterator[tuple[int, PreparedImage]]:
             for i, item in items:
                 if isinstance(item, PreparedImage) and item.bucket not in exported:
                     item = str(self.manifest.missing_bucket(item.bucket))
-                if isinstance(item, PreparedImage) and item.bucket in self._bad_buckets:
-                    item = self._bad_buckets[item.bucket]
-                if isinstance(item, str):
-                    features.errors[i] = item
-                    log.info("skipped input %d: %s", i, item)
+                if isinstance(item, PreparedImage):
+                    seen[i] = ((item.width, item.height), item.bucket)
+                    if item.bucket in self._bad_buckets:
+                        failed.append((i, self._bad_buckets[item.bucket]))
+                        continue
+                    yield i, item
                     continue
-                features.sizes[i] = (item.width, item.height)
-                features.buckets[i] = item.bucket
-                yield i, item
+                failed.append((i, item))
+                log.info("skipped input %d: %s", i, item)
+
+        def chunk(
+            indices: list[int], outputs: dict[str, np.ndarray] | None, reason: str = ""
+        ) -> tuple[list[int], Features]:
+            rows = [*((i, reason) for i in indices), *failed]
+            failed.clear()
+            out = self._empty(len(rows))
+            for j, (i, error) in enumerate(rows):
+                if error:
+                    out.errors[j] = error
+                if i in seen:
+                    out.sizes[j], out.buckets[j] = seen.pop(i)
+            if outputs is not None:
+                self._store(out, list(range(len(indices))), outputs)
+            return [i for i, _ in rows], out
 
         for batch in batches_by_bucket(usable(), batch_size):
             try:
@@ -224,10 +270,11 @@ class Extractor:
                 # for the rest of this extractor's life), the other buckets go on.
                 reason = self._bad_buckets[batch.bucket] = str(err)
                 log.warning("%s", reason)
-                features.errors.update(dict.fromkeys(batch.indices, reason))
+                yield chunk(batch.indices, None, reason)
                 continue
-            self._store(features, batch.indices, outputs)
-        return features
+            yield chunk(batch.indices, outputs)
+        if failed:
+            yield chunk([], None)
 
     def _empty(self, n: int) -> Features:
         dims = self.manifest.layer_dims

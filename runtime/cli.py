@@ -489,13 +489,28 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
         "extract",
         help="features of images into a Parquet file",
         description="Extract features of IMAGE files into one Parquet file: one row per image "
-        "(path, width, height, bucket, one list column per layer, status).",
+        "(path, width, height, bucket, one list column per layer, status), written as batches "
+        "finish. -o is a .parquet file, or a directory (then DIR/features.parquet).",
     )
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
-    _engine_options(p, "output .parquet file", batch_size=8)
+    _engine_options(p, "output .parquet file, or a directory (DIR/features.parquet)", batch_size=8)
+    for action in p._actions:  # a name that is not .parquet is bad usage (exit 2), before work
+        if action.dest == "output":
+            action.type = _extract_output
     p.add_argument(
         "--threads", type=non_negative_int, default=0, help="ONNX Runtime threads (0: all cores)"
     )
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+
+
+def _extract_output(text: str) -> str:
+    from .extract import OutputNameError, extract_output
+
+    try:
+        extract_output(text)  # checked here (bad usage); extract_to_parquet resolves it
+    except OutputNameError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text  # a str: Path would drop a trailing separator (-o DIR/)
 
 
 def _run_extract(args: argparse.Namespace) -> int:
@@ -504,6 +519,7 @@ def _run_extract(args: argparse.Namespace) -> int:
     summary = extract_to_parquet(
         args.engine, [str(p) for p in args.images], args.output,
         backend=args.backend, batch_size=args.batch_size, threads=args.threads,
+        progress=args.progress,
     )  # fmt: skip
     print(summary.line())
     for reason in summary.errors:

@@ -3,8 +3,14 @@
 The job, once for every executor. The output always equals the current SOURCE: one row per
 distinct input (by id), whatever changed between runs. The shard files are the commit log:
 
-- **Done set**: the `id` column of the shards on disk (`part-NNNNN.parquet`; a shard is written
-  under a temporary name and renamed when whole, so a shard on disk is complete).
+- **Layout**: shard k is `part-k.parquet` (its rows whose status is ok: every feature list
+  whole, as autofaiss/embedding-reader and `--embeddings=OUTDIR` need) and `_errors/part-k.pq`
+  (its failed rows, STATUS_COLUMNS only); either is absent when it would be empty. `_` and `.`
+  names are skipped by pyarrow and pandas, the `.pq` suffix by embedding-reader's `**/*.parquet`,
+  the top-level glob `part-*.parquet` by polars and duckdb.
+- **Done set**: the `id` and `status` columns of both kinds of shard file on disk (each written
+  under a temporary name and renamed when whole, so a file on disk is complete). The two files
+  of a shard need not both be there: a crash between them leaves the other's inputs pending.
 - **Plan**: SOURCE (runtime/index_sources.py) is listed once, in its stable order. An input whose
   id is done is skipped without reading its image; the others (new, or left by an interrupted
   run) are pending, cut in SOURCE order into shards of `shard_size`, numbered with the smallest
@@ -55,12 +61,14 @@ from .images import ImageError, PreparedImage, image_size, prepare_image
 from .index_sources import IndexJobError, iter_sources, limited
 from .locks import exclusive_lock
 from .manifest import EngineManifest, package_version
-from .parquet import features_table, read_table, write_table
+from .parquet import features_table, output_metadata, read_table, split_status, write_table
 from .settings import NORMALIZATIONS
 
 RUN_MANIFEST = "_manifest.json"
 LOCK_FILE = ".interactive.lock"  # hidden: dataset readers skip it
 SHARD_FILE = re.compile(r"part-(\d{5,})\.parquet")
+ERRORS_DIR = "_errors"  # failed rows: ERRORS_DIR/part-NNNNN.pq
+ERROR_FILE = re.compile(r"part-(\d{5,})\.pq")
 # The options that shape a row: a rerun on the same OUTDIR must repeat them (or --overwrite).
 # batch_size, shard_size and limit do not: they change how the work is cut, or which inputs
 # SOURCE is taken to list.
@@ -163,6 +171,10 @@ def _member(values: np.ndarray, sorted_values: np.ndarray) -> np.ndarray:
 
 def shard_name(k: int) -> str:
     return f"part-{k:05d}.parquet"
+
+
+def error_name(k: int) -> str:
+    return f"{ERRORS_DIR}/part-{k:05d}.pq"
 
 
 def chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -303,14 +315,25 @@ def shard_rows(
 # The plan
 
 
-def shard_files(out: Path) -> dict[int, Path]:
-    """The shards on disk by number."""
-    found = {}
-    for part in out.glob("part-*.parquet"):
-        match = SHARD_FILE.fullmatch(part.name)
-        if match:
-            found[int(match.group(1))] = part
-    return dict(sorted(found.items()))
+def shard_files(out: Path) -> dict[Path, int]:
+    """The shard files on disk (features and errors) -> their shard number, by number."""
+    found = []
+    for pattern, directory in ((SHARD_FILE, out), (ERROR_FILE, out / ERRORS_DIR)):
+        for part in directory.glob("part-*"):
+            match = pattern.fullmatch(part.name)
+            if match:
+                found.append((int(match.group(1)), part.parent != out, part))
+    return {part: k for k, _, part in sorted(found)}
+
+
+def read_index(out: str | os.PathLike[str], errors: bool = True) -> pa.Table:
+    """Every row of an index OUTDIR in one table (shard by shard; the failed rows' features
+    null), or with `errors=False` the ok rows only (what the dataset readers see)."""
+    files = sorted(shard_files(Path(out)), key=lambda part: part.parent != Path(out))
+    tables = [read_table(part) for part in files if errors or part.parent == Path(out)]
+    if not tables:
+        return pa.table({})
+    return pa.concat_tables(tables, promote_options="default")
 
 
 @dataclass
@@ -323,9 +346,11 @@ class Plan:
     gone: int  # rows to remove: SOURCE no longer lists their input
     retried: int  # failed rows to remove and redo
     pending: pa.Array  # the inputs to index, in SOURCE order (utf-8 + surrogateescape bytes)
-    remove: dict[int, np.ndarray]  # shard number -> ids (uint64) of its rows to remove
-    occupied: set[int]  # shard numbers on disk
-    emptied: set[int] = field(default_factory=set)  # shards all of whose rows go
+    remove: dict[Path, np.ndarray]  # shard file -> ids (uint64) of its rows to remove
+    occupied: dict[Path, int]  # shard files on disk -> their shard numbers
+    emptied: set[Path] = field(default_factory=set)  # shard files all of whose rows go
+    # feature files holding failed rows (written before _errors/ existed): split by apply_removals
+    mixed: set[Path] = field(default_factory=set)
 
     @property
     def new(self) -> int:
@@ -345,7 +370,7 @@ class Plan:
     def shards(self, size: int) -> Iterator[Shard]:
         """The pending inputs cut into shards of `size`, numbered with the free numbers (those
         of no shard on disk once the emptied ones are gone), smallest first."""
-        taken = self.occupied - self.emptied
+        taken = {k for part, k in self.occupied.items() if part not in self.emptied}
         free = (k for k in count() if k not in taken)
         for start in range(0, len(self.pending), size):
             raw = self.pending.slice(start, size).to_pylist()
@@ -359,7 +384,7 @@ def plan_index(
     """Compare SOURCE (listed once) with the shards on disk (their `id` and `status` only)."""
     files = shard_files(out)
     done, where, failed = [], [], []
-    for k, part in files.items():
+    for n, part in enumerate(files):
         try:
             table = read_table(part, columns=["id", "status"])
         except Exception as err:
@@ -367,7 +392,7 @@ def plan_index(
                 f"{part}: unreadable shard ({err}); delete it to index its inputs again"
             ) from None
         done.append(_id_numbers(table["id"].to_pylist(), part))
-        where.append(np.full(table.num_rows, k, np.int32))
+        where.append(np.full(table.num_rows, n, np.int32))
         failed.append(np.array([s != "ok" for s in table["status"].to_pylist()], bool))
     done_ids = np.concatenate(done) if done else np.empty(0, np.uint64)
     done_shard = np.concatenate(where) if where else np.empty(0, np.int32)
@@ -404,12 +429,15 @@ def plan_index(
 
     gone = ~_member(done_ids, distinct)
     remove_rows = gone | redo
-    # done_shard is sorted (shards read in order): one split groups the rows to remove by shard
+    # done_shard (a file's position in `files`) is sorted: one split groups the rows by file
     at = np.flatnonzero(remove_rows)
     numbers, starts = np.unique(done_shard[at], return_index=True)
     groups = np.split(done_ids[at], starts[1:]) if len(at) else []
-    remove = {int(k): ids for k, ids in zip(numbers, groups, strict=True)}
-    emptied = set(remove) - set(np.unique(done_shard[~remove_rows]).tolist())
+    parts = list(files)
+    kept_failed = np.unique(done_shard[done_failed & ~remove_rows]).tolist()
+    mixed = {parts[n] for n in kept_failed if parts[n].parent == out}
+    remove = {parts[int(n)]: ids for n, ids in zip(numbers, groups, strict=True)}
+    emptied = set(remove) - {parts[n] for n in np.unique(done_shard[~remove_rows]).tolist()}
     return Plan(
         inputs=len(distinct),
         duplicates=len(current) - len(distinct),
@@ -418,17 +446,17 @@ def plan_index(
         retried=len(np.unique(done_ids[redo & ~gone])),
         pending=pending,
         remove=remove,
-        occupied=set(files),
+        occupied=files,
         emptied=emptied,
+        mixed=mixed,
     )
 
 
 def apply_removals(out: Path, plan: Plan) -> None:
     """Rewrite each shard holding rows to remove without them (atomically, same name), or
     delete it when none stay: a crash leaves each shard old or new, never a row twice."""
-    for k, ids in plan.remove.items():
-        part = out / shard_name(k)
-        if k in plan.emptied:
+    for part, ids in plan.remove.items():
+        if part in plan.emptied:
             part.unlink()
             log.info("index: removed %s (all its inputs are gone)", part.name)
             continue
@@ -436,6 +464,24 @@ def apply_removals(out: Path, plan: Plan) -> None:
         stay = ~_member(_id_numbers(table["id"].to_pylist(), part), np.sort(ids))
         write_table(table.filter(pa.array(stay)), part)
         log.info("index: rewrote %s without %d rows", part.name, int((~stay).sum()))
+    for part in sorted(plan.mixed):
+        split_mixed(out, part, plan.occupied[part])
+
+
+def split_mixed(out: Path, part: Path, k: int) -> None:
+    """Move the failed rows of feature file `part` (an older layout) into error_name(k): that
+    file first (with its rows, if any), then `part` without them (or deleted). A crash between
+    leaves those ids in both files: the next plan redoes them (an id twice on disk)."""
+    ok, failed = split_status(read_table(part))
+    errors = out / error_name(k)
+    if errors.exists():
+        failed = pa.concat_tables([read_table(errors), failed], promote_options="default")
+    write_table(failed, errors)
+    if ok.num_rows:
+        write_table(ok, part)
+    else:
+        part.unlink()
+    log.info("index: moved %d failed rows of %s to %s", failed.num_rows, part.name, errors)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -512,38 +558,50 @@ def _run_locked(
             f"{plan.kept + plan.gone + plan.retried} rows of {out} (an unmounted or emptied "
             "SOURCE?); pass --overwrite to empty it"
         )
+    # Shards (numbers) touched: a file of theirs rewritten or deleted; removed: all of them.
+    touched = {plan.occupied[part] for part in plan.remove}
+    kept = {k for part, k in plan.occupied.items() if part not in plan.emptied}
+    removed = touched - kept
     report = IndexReport(
         inputs=plan.inputs, new=plan.new, gone=plan.gone, retried=plan.retried,
-        duplicates=plan.duplicates, rewritten_shards=len(plan.remove) - len(plan.emptied),
-        removed_shards=len(plan.emptied),
-        skipped_shards=len(plan.occupied) - len(plan.remove),
+        duplicates=plan.duplicates, rewritten_shards=len(touched - removed),
+        removed_shards=len(removed), skipped_shards=len(set(plan.occupied.values()) - touched),
     )  # fmt: skip
     line = f"index: SOURCE lists {plan.inputs} inputs: {plan.kept} in the output, "
     line += report.changes()
     if plan.remove:
-        line += f" (rows removed from {len(plan.remove)} shards)"
+        line += f" (rows removed from {len(touched)} shards)"
     say(line)
     run["plan"] = plan.counts()
     apply_removals(out, plan)
 
     bar = executor.progress(progress, lambda: len(plan.pending))
     work = ShardWork(Path(engine), manifest, options, progress, bar)
-    metadata = {b"interactive.run": json.dumps(run).encode()}
+    metadata = output_metadata(manifest, run)
     try:
         with closing(executor.run(work, plan.shards(options.shard_size))) as results:
             for k, rows in results:
-                write_table(rows.replace_schema_metadata(metadata), out / shard_name(k))
+                write_shard(out, k, rows.replace_schema_metadata(metadata))
                 report.written_shards += 1
                 report.processed += rows.num_rows
-                log.info("index: wrote %s (%d rows)", shard_name(k), rows.num_rows)
     finally:
         bar.close()
-    for part in shard_files(out).values():
+    for part in shard_files(out):
         report.add(read_table(part, columns=["status", "bucket"]))
     report.seconds = time.perf_counter() - started
     run["result"] = {**asdict(report), "by_bucket": dict(report.by_bucket)}
     write_json(out / RUN_MANIFEST, run)
     return report
+
+
+def write_shard(out: Path, k: int, rows: pa.Table) -> None:
+    """Shard k's ok rows into shard_name(k), its failed ones into error_name(k) (each file
+    atomically, only when it has rows)."""
+    ok, failed = split_status(rows)
+    for name, table in ((error_name(k), failed), (shard_name(k), ok)):
+        if table.num_rows:
+            write_table(table, out / name)
+            log.info("index: wrote %s (%d rows)", name, table.num_rows)
 
 
 def check_options(options: IndexOptions, manifest: EngineManifest) -> None:
@@ -567,6 +625,7 @@ def check_options(options: IndexOptions, manifest: EngineManifest) -> None:
 def run_manifest(source: Path, engine: EngineManifest, options: IndexOptions) -> dict[str, Any]:
     """What OUTDIR was made from (written as _manifest.json); `identity` of it must match."""
     return {
+        "command": "index",
         "source": absolute_path(str(source)),
         "ids": ID_SCHEME,
         "options": asdict(options),
@@ -629,7 +688,7 @@ def prepare_outdir(out: Path, run: dict[str, Any], overwrite: bool) -> None:
             "--overwrite to replace it"
         )
     if problem:
-        for part in shard_files(out).values():
+        for part in shard_files(out):
             part.unlink()
     try:
         write_json(previous, {**run, "result": None})
@@ -640,7 +699,7 @@ def prepare_outdir(out: Path, run: dict[str, Any], overwrite: bool) -> None:
 def remove_temporaries(out: Path) -> None:
     """Drop the temporary files of a killed run (runtime/atomic.py names); under the lock, no
     other job is writing them."""
-    for pattern in (".part-*.parquet.*.tmp", f".{RUN_MANIFEST}.*.tmp"):
+    for pattern in (".part-*.parquet.*.tmp", f".{RUN_MANIFEST}.*.tmp", ERRORS_DIR + "/.part-*.tmp"):
         for tmp in out.glob(pattern):
             tmp.unlink(missing_ok=True)
 

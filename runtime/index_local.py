@@ -180,8 +180,11 @@ class LiveProgress(Progress):
 
     interval = 10.0
 
-    def __init__(self, enabled: bool | None, count: Callable[[], int]) -> None:
+    def __init__(
+        self, enabled: bool | None, count: Callable[[], int], label: str = "index"
+    ) -> None:
         interactive = sys.stderr.isatty() if enabled is None else enabled
+        self.label = label
         self.bar: Any = None
         self.total: int | None = None
         if interactive:
@@ -227,7 +230,8 @@ class LiveProgress(Progress):
             self.last = now
 
     def line(self, now: float | None = None) -> str:
-        """`index: 65/1000 images decoded (6%), 2 errors, 3.1 images/s, ETA 5 min`."""
+        """`index: 65/1000 images decoded (6%), 2 errors, 3.1 images/s, ETA 5 min` (the label
+        first: `index` or `extract`)."""
         elapsed = (time.perf_counter() if now is None else now) - self.started
         rate = self.done / elapsed if elapsed > 0 else 0.0
         total = self.total
@@ -235,7 +239,7 @@ class LiveProgress(Progress):
             done = f"{self.done} images decoded"
         else:
             done = f"{self.done}/{total} images decoded ({100 * self.done // max(total, 1)}%)"
-        text = f"index: {done}, {self.errors} errors, {rate:.1f} images/s"
+        text = f"{self.label}: {done}, {self.errors} errors, {rate:.1f} images/s"
         if total is not None and total >= self.done and rate > 0:
             text += f", ETA {format_duration((total - self.done) / rate)}"
         return text

@@ -1,7 +1,13 @@
-"""Writing features to Parquet: one row per image, one fixed-size float32 list column per layer."""
+"""Writing features to Parquet: one row per image, one fixed-size float32 list column per layer.
+
+Both outputs (`interactive extract`'s file, `interactive index`'s shards) carry the same file
+metadata (`output_metadata`): `interactive.engine`, `interactive.weights`,
+`interactive.manifest` and `interactive.run`.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -9,12 +15,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .api import Features, check_normalize, l2_normalize
 from .atomic import atomic_path
 from .buckets import format_size
-from .manifest import heatmap_name
+from .manifest import EngineManifest, heatmap_name
 from .paths import display_name, name_bytes
 
 
@@ -74,6 +81,31 @@ def features_table(
             {k.encode(): display_name(v).encode() for k, v in metadata.items()}
         )
     return table
+
+
+# The columns of a row that failed (the others are its features, null): what an index's error
+# shards keep (runtime/index.py).
+STATUS_COLUMNS = ("id", "path", "sha256", "path_bytes", "width", "height", "bucket", "status")
+
+
+def split_status(table: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """(the rows whose status is ok, the others with STATUS_COLUMNS only)."""
+    ok = pc.equal(table["status"], "ok")
+    failed = table.filter(pc.invert(ok))
+    return table.filter(ok), failed.select([c for c in table.column_names if c in STATUS_COLUMNS])
+
+
+def output_metadata(manifest: EngineManifest, run: dict[str, Any]) -> dict[bytes, bytes]:
+    """The file metadata of every output: the engine directory, its weights' source, its
+    manifest (less the weights and bucket records) and `run` (what made the file), as JSON."""
+    data = manifest.data
+    engine = {k: v for k, v in data.items() if k not in ("weights", "buckets")}
+    return {
+        b"interactive.engine": display_name(os.fspath(manifest.directory)).encode(),
+        b"interactive.weights": display_name(str(data["weights"]["source"])).encode(),
+        b"interactive.manifest": json.dumps(engine, default=str).encode(),
+        b"interactive.run": json.dumps(run, default=str).encode(),
+    }
 
 
 HEATMAP_SIDE = 32

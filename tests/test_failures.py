@@ -22,6 +22,7 @@ from test_index import processes_running_with
 
 from interactive.runtime import cli
 from interactive.runtime.cli import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, main
+from interactive.runtime.index import read_index
 from interactive.runtime.paths import display_name, name_bytes
 
 import imagegen
@@ -84,7 +85,8 @@ def test_non_utf8_names_through_extract_and_index(narrow_engine: Path, tmp_path:
     result = run("index", str(src), "--engine", str(narrow_engine), "-o", str(index_out))
     assert result.returncode == EXIT_PARTIAL, result.stderr
     assert "Traceback" not in result.stderr
-    indexed = pq.read_table(index_out)
+    indexed = read_index(index_out)  # the failed row is in index_out/_errors/ (see test_readers)
+    assert pq.read_table(index_out)["path_bytes"].to_pylist() == [os.fsencode(good)]
     for table in (extracted, indexed):
         rows = {r["path_bytes"]: r for r in table.to_pylist()}
         row = rows[os.fsencode(good)]
@@ -182,8 +184,11 @@ def test_bad_numbers_are_usage_errors(narrow_engine: Path, tmp_path: Path) -> No
 def test_unwritable_output_fails_before_the_work(narrow_engine: Path, tmp_path: Path) -> None:
     image = str(imagegen.jpeg(tmp_path, 256, 256))
     extract = ["extract", "--engine", str(narrow_engine), image, "-o"]
+    # -o DIR writes DIR/features.parquet (tests/test_readers.py); that name a directory: refused
+    blocked = tmp_path / "features.parquet"
+    blocked.mkdir()
     line = one_line_error(run(*extract, str(tmp_path)), "extract", EXIT_FATAL)
-    assert line.endswith(f"cannot write -o {tmp_path}: is a directory (give a .parquet file name)")
+    assert line.endswith(f"cannot write -o {blocked}: is a directory (give a .parquet file name)")
     line = one_line_error(run(*extract, image + "/sub/out.parquet"), "extract", EXIT_FATAL)
     assert line.endswith(f"Not a directory ({image}/sub)")
     locked = tmp_path / "locked"

@@ -17,7 +17,13 @@ import pytest
 from PIL import Image
 
 from interactive.runtime import Extractor
-from interactive.runtime.index import IndexJobError, IndexOptions, iter_sources, run_index
+from interactive.runtime.index import (
+    IndexJobError,
+    IndexOptions,
+    iter_sources,
+    read_index,
+    run_index,
+)
 from interactive.runtime.index_local import LocalExecutor
 from interactive.runtime.manifest import EngineError
 from interactive.runtime.parquet import layer_matrix, shrink_heatmap
@@ -57,7 +63,9 @@ def make_collection(root: Path, n: int) -> list[Path]:
 
 
 def read_output(out: Path) -> pa.Table:
-    return pq.read_table(out)  # the dataset reader skips _manifest.json (leading underscore)
+    """Every row, failed ones included: the dataset reader (`pq.read_table(out)`) sees the ok
+    rows only since failed rows went to OUTDIR/_errors/ (tests/test_readers.py)."""
+    return read_index(out)
 
 
 @pytest.fixture(scope="module")

@@ -367,6 +367,7 @@ def test_retry_failed(
     redo = run_index(source, narrow_engine, out, OPTIONS, INLINE, retry_failed=True)
     assert (redo.errors, redo.processed, redo.retried, redo.new) == (0, 1, 1, 0)
     check(out, files, reference)
+    assert not list((out / "_errors").iterdir())  # the error shard went with its only row
 
 
 class Crash(Exception):

@@ -23,7 +23,7 @@ import pytest
 from test_index import make_collection, read_output
 
 from interactive.runtime.cli import EXIT_PARTIAL, main
-from interactive.runtime.index import IndexJobError, IndexOptions, run_index
+from interactive.runtime.index import IndexJobError, IndexOptions, run_index, shard_files
 from interactive.runtime.index_local import LocalExecutor
 from interactive.runtime.parquet import layer_matrix
 from interactive.runtime.ray_index import RayExecutor
@@ -70,10 +70,17 @@ def index_args(collection: Path, engine: Path, out: Path) -> list[str]:
     return [*args, "--heatmaps", "--no-progress", "--actors", "1", "--ray"]
 
 
+def shard_names(out: Path) -> list[str]:
+    return sorted(str(part.relative_to(out)) for part in shard_files(out))
+
+
 def assert_same_rows(got: pa.Table, want: pa.Table) -> None:
     """Same inputs, ids, sizes, buckets and statuses; features equal up to fp32 batch noise."""
     for column in ("id", "path", "width", "height", "bucket", "status"):
         assert got[column].to_pylist() == want[column].to_pylist(), column
+    if "status" in got.column_names and set(got["status"].to_pylist()) - {"ok"}:
+        assert got.column_names == want.column_names  # an error shard: no feature columns
+        return
     for layer in OPTIONS["layers"]:
         # Batches are cut differently (Ray batches vs whole shards), so sums may round apart.
         expected = layer_matrix(want, layer)
@@ -92,9 +99,9 @@ def test_ray_job_equals_the_local_job_and_resumes(
 ) -> None:
     out = tmp_path / "ray"
     assert main(index_args(collection, narrow_engine, out)) == EXIT_PARTIAL  # bad inputs
-    shards = sorted(p.name for p in out.glob("part-*.parquet"))
-    assert shards == sorted(p.name for p in local_output.glob("part-*.parquet"))
-    assert len(shards) == 4 and not list(out.glob(".*.tmp"))
+    shards = shard_names(out)  # features and errors (OUTDIR/_errors/) shards
+    assert shards == shard_names(local_output)
+    assert set(shard_files(out).values()) == {0, 1, 2, 3} and not list(out.glob(".*.tmp"))
     for name in shards:  # shard by shard: same rows in the same order, same schema and metadata
         got, want = pq.read_table(out / name), pq.read_table(local_output / name)
         assert got.schema.equals(want.schema, check_metadata=True)
@@ -115,8 +122,9 @@ def test_ray_job_equals_the_local_job_and_resumes(
     assert (again.written_shards, again.skipped_shards, again.images) == (0, 4, 36)
     assert {p: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")} == written
 
-    for name in shards[1:3]:  # as if the job had died before these two: they are redone
-        (out / name).unlink()
+    for part, k in shard_files(out).items():  # as if the job had died before shards 1 and 2
+        if k in (1, 2):  # both their files (features and errors): they are redone
+            part.unlink()
     resumed = run_index(collection, narrow_engine, out, options, RayExecutor())
     assert (resumed.written_shards, resumed.processed, resumed.images) == (2, 20, 36)
     assert_same_rows(read_output(out), read_output(local_output))
@@ -144,8 +152,8 @@ def test_ray_continues_an_incremental_run_like_the_local_job(
     ]
     changes = [(r.new, r.gone, r.processed, r.written_shards, r.rewritten_shards) for r in reports]
     assert changes[0] == changes[1] == (3, 3, 3, 1, 3)
-    names = sorted(p.name for p in remote.glob("part-*.parquet"))
-    assert names == sorted(p.name for p in local.glob("part-*.parquet"))
+    names = shard_names(remote)
+    assert names == shard_names(local)
     for name in names:
         got, want = pq.read_table(remote / name), pq.read_table(local / name)
         assert_same_rows(got, want)
