@@ -280,24 +280,23 @@ class _SignalGuard:
             raise Terminated()
 
 
-def positive_int(text: str) -> int:
-    """argparse `type=` for counts that must be at least 1: anything else is bad usage (exit 2)."""
-    return _int_at_least(text, 1)
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse `type=`: an integer >= minimum; anything else is bad usage (exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """argparse `type=` for counts where 0 means "automatic"."""
-    return _int_at_least(text, 0)
-
-
-def _int_at_least(text: str, low: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-    return value
+positive_int = _at_least(1)  # counts that must be at least 1
+non_negative_int = _at_least(0)  # counts where 0 means "automatic"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -541,9 +540,6 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("source", type=Path, metavar="SOURCE")
     _engine_options(p, "output directory (OUTDIR)", batch_size=16)
-    for action in p._actions:  # counts are checked by argparse: bad usage, exit 2
-        if action.dest == "batch_size":
-            action.type = _at_least(1)
     p.add_argument(
         "--workers", type=_at_least(0), default=max(1, (os.cpu_count() or 2) - 1),
         help="decoding processes (0: decode in the main process; default: the cores less one)",
@@ -581,21 +577,6 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--actors", type=_at_least(1), default=1, help="with --ray: extraction actors")
     p.set_defaults(check=_check_engine_layers)
-
-
-def _at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= minimum."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
 
 
 def _run_index(args: argparse.Namespace) -> int:
