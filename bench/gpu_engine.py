@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from interactive.runtime.manifest import MANIFEST_FILE, EngineError, EngineManifest
+from interactive.runtime.weights import file_sha256
 
 
 def strip(engine: Path, out: Path) -> Path:
@@ -25,14 +26,6 @@ def strip(engine: Path, out: Path) -> Path:
     for path in [engine / MANIFEST_FILE, *sorted(engine.glob("bucket-*.onnx"))]:
         shutil.copy2(path, out / path.name)
     return out
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def weights_ok(manifest: EngineManifest) -> bool:

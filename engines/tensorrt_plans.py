@@ -8,11 +8,11 @@ backend (tensorrt_backend) both depend on this one and never on each other at im
 
 from __future__ import annotations
 
-import hashlib
 import shlex
 from pathlib import Path
 from typing import Any
 
+from interactive.runtime import weights
 from interactive.runtime.buckets import format_size
 from interactive.runtime.manifest import EngineError, EngineManifest
 
@@ -173,11 +173,7 @@ def file_sha256(path: Path) -> str:
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _file_digests:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-        _file_digests[key] = digest.hexdigest()
+        _file_digests[key] = weights.file_sha256(path)
     return _file_digests[key]
 
 

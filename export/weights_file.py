@@ -19,6 +19,7 @@ import onnx
 from onnx import numpy_helper
 
 from interactive.runtime.manifest import EngineError
+from interactive.runtime.weights import file_sha256
 
 WEIGHTS_FILE = "weights.bin"
 ALIGNMENT = 64 * 1024
@@ -107,8 +108,4 @@ class SharedWeights:
                 f.truncate(end)
 
     def file_sha256(self) -> str:
-        h = hashlib.sha256()
-        with open(self.path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        return h.hexdigest()
+        return file_sha256(self.path)

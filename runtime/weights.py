@@ -71,6 +71,15 @@ class MappedWeights:
             self.arrays[name] = view.reshape(entry["shape"])
 
 
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The sha256 of a whole file, read in 4 MiB blocks (the manifest's `weights.sha256`)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 _cache: dict[Path, MappedWeights] = {}
 _lock = threading.Lock()
 # (resolved path, size, mtime_ns) -> {(tensor name, offset, length): sha256 of those bytes}
