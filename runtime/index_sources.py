@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 
-import pyarrow.parquet as pq
+from .parquet import parquet_file
 
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".avif", ".heic", ".heif"}
@@ -71,7 +71,7 @@ ENCODING, ERRORS = "utf-8", "surrogateescape"
 def _table_columns(source: Path) -> list[str]:
     if source.suffix.lower() == ".parquet":
         with open(source, "rb") as f:  # an open file: pyarrow refuses names that are not UTF-8
-            return list(pq.ParquetFile(f).schema_arrow.names)
+            return list(parquet_file(f).schema_arrow.names)
     with open(source, newline="", encoding=ENCODING, errors=ERRORS) as f:
         return next(csv.reader(f), [])
 
@@ -91,7 +91,9 @@ def _resolve(folder: str, entry: str) -> str:
 def _parquet_paths(source: Path, column: str) -> Iterator[str]:
     folder = _folder_of(source)
     with open(source, "rb") as f:
-        for batch in pq.ParquetFile(f).iter_batches(columns=[column], batch_size=4096):
+        for batch in parquet_file(f).iter_batches(
+            columns=[column], batch_size=4096, use_threads=False
+        ):
             yield from (_resolve(folder, str(p)) for p in batch.column(0).to_pylist())
 
 
