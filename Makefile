@@ -39,7 +39,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 install: $(VENV)/.installed
 
 run: install
-	$(BIN)/python -m interactive.export.quickstart $(SOURCE) --out $(OUT) $(if $(ENGINE),--engine $(ENGINE)) \
+	$(BIN)/python -m interactive_features.export.quickstart $(SOURCE) --out $(OUT) $(if $(ENGINE),--engine $(ENGINE)) \
 		$(QUICKSTART_ARGS)
 
 bench: install
@@ -89,7 +89,7 @@ gpu-check:
 gpu-check-engine: install
 	test -f out/gpu-check-full/manifest.json || $(BIN)/interactive export --weights random:0 \
 		--buckets 512x512 --no-validate --out out/gpu-check-full
-	$(BIN)/python -c "from pathlib import Path; from interactive.bench.gpu_engine import strip; \
+	$(BIN)/python -c "from pathlib import Path; from interactive_features.bench.gpu_engine import strip; \
 		strip(Path('out/gpu-check-full'), Path('out/gpu-check-engine'))"
 
 clean:

@@ -1,7 +1,7 @@
-"""`python -m interactive.bench`: the same as `interactive bench` (see bench/harness.py)."""
+"""`python -m interactive_features.bench`: the same as `interactive bench` (bench/harness.py)."""
 
 import sys
 
-from interactive.bench.harness import main
+from interactive_features.bench.harness import main
 
 sys.exit(main())

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from interactive.export.spec import FeatureSpec
+from interactive_features.export.spec import FeatureSpec
 
 
 @dataclass(frozen=True)

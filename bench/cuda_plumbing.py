@@ -126,7 +126,7 @@ class CopyContext:
         return self.refuse != "address"
 
     def execute_async_v3(self, stream: Any) -> bool:
-        from interactive.engines.tensorrt_plans import cuda_call
+        from interactive_features.engines.tensorrt_plans import cuda_call
 
         d2d = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
         source = self.addresses[INPUT]
@@ -156,7 +156,7 @@ def expected(images: np.ndarray) -> dict[str, np.ndarray]:
 @contextmanager
 def runtime_in_use(runtime: Any) -> Iterator[Any]:
     """Make the TensorRT backend module use `runtime` as its cudart while inside."""
-    from interactive.engines import tensorrt_backend
+    from interactive_features.engines import tensorrt_backend
 
     saved = tensorrt_backend.cudart_module
     tensorrt_backend.cudart_module = lambda: runtime
@@ -173,8 +173,8 @@ def exercise(
     """Run batches (one row, one full chunk, three chunks through both slots, a partial chunk)
     through `_BucketPlan.run` with CopyContext, on `runtime`; every output byte is checked.
     Returns {"batches", "chunks", "mismatches": [...]}; raises what the plumbing raises."""
-    from interactive.engines.tensorrt_backend import _BucketPlan
-    from interactive.engines.tensorrt_plans import cuda_call
+    from interactive_features.engines.tensorrt_backend import _BucketPlan
+    from interactive_features.engines.tensorrt_plans import cuda_call
 
     width, height = bucket
     rng = np.random.default_rng(seed)

@@ -48,10 +48,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def package_dirs() -> dict[str, str]:
-    """Subpackage -> folder, from pyproject's package-dir ("interactive.export" = "export")."""
+    """Subpackage -> folder, from pyproject's package-dir (`<package>.export = export`)."""
     with open(ROOT / "pyproject.toml", "rb") as f:
         mapping = tomllib.load(f)["tool"]["setuptools"]["package-dir"]
-    return {package.removeprefix("interactive."): folder for package, folder in mapping.items()}
+    return {
+        package.removeprefix("interactive_features."): folder for package, folder in mapping.items()
+    }
 
 
 # name -> seconds on the GPU host (sum: 360). Estimates for one H200 at full width, 512x512:
@@ -195,7 +197,13 @@ class GpuCheck:
             record.update(status="skipped", reason="the check's budget ran out")
             return record
         config = self.config | {"deadline": time.time() + limit - 3}
-        command = [sys.executable, "-m", "interactive.bench.gpu_steps", name, json.dumps(config)]
+        command = [
+            sys.executable,
+            "-m",
+            "interactive_features.bench.gpu_steps",
+            name,
+            json.dumps(config),
+        ]
         print(f"== {name} (budget {limit:.0f} s)", file=sys.stderr, flush=True)
         started = time.monotonic()
         try:
@@ -276,11 +284,14 @@ class GpuCheck:
                            "output_tail": (done.stdout + done.stderr)[-TAIL:]})  # fmt: skip
 
     def link_package(self) -> None:
-        """`interactive.*` importable from this checkout without pip (no build, no network)."""
+        """`interactive_features.*` importable from this checkout without pip (no build, no net)."""
         shim = self.work / "shim"
-        package = shim / "interactive"
+        package = shim / "interactive_features"
         package.mkdir(parents=True)
-        for name, folder in package_dirs().items():  # linked under one `interactive` folder
+        for (
+            name,
+            folder,
+        ) in package_dirs().items():  # under one interactive_features/
             (package / name).symlink_to(ROOT / folder, target_is_directory=True)
         self._prepend_path(shim)
 

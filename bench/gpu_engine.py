@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from interactive.runtime.manifest import MANIFEST_FILE, EngineError, EngineManifest
-from interactive.runtime.weights import file_sha256
+from interactive_features.runtime.manifest import MANIFEST_FILE, EngineError, EngineManifest
+from interactive_features.runtime.weights import file_sha256
 
 
 def strip(engine: Path, out: Path) -> Path:
@@ -38,8 +37,8 @@ def weights_ok(manifest: EngineManifest) -> bool:
 def source_tensors(manifest: EngineManifest) -> dict[str, np.ndarray]:
     """The exported graph's buffers (conv weights, biases, flipped kernels), by name, rebuilt
     from the manifest's weights source the way the exporter built them."""
-    from interactive.export.graph import AnalyticGraph
-    from interactive.export.spec import engine_spec, load_state_dict, random_seed
+    from interactive_features.export.graph import AnalyticGraph
+    from interactive_features.export.spec import engine_spec, load_state_dict, random_seed
 
     source = manifest.data["weights"]["source"]
     if random_seed(source) is None:

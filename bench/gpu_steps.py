@@ -1,6 +1,6 @@
 """The GPU check's steps, each run by bench/gpu_check.py in its own process:
 
-    python -m interactive.bench.gpu_steps STEP CONFIG_JSON
+    python -m interactive_features.bench.gpu_steps STEP CONFIG_JSON
 
 Each prints one `CASE_PREFIX` line per case as it finishes (so a step cut off by its budget still
 reports what it did) and a last `RESULT_PREFIX` line: {"status": passed | failed | skipped,
@@ -68,7 +68,7 @@ def step_machine(cfg: dict[str, Any]) -> dict[str, Any]:
         except ImportError:
             facts[name] = None
     try:
-        from interactive.engines.tensorrt_plans import cudart_module, tensorrt_module
+        from interactive_features.engines.tensorrt_plans import cudart_module, tensorrt_module
 
         cudart_module()
         facts["cuda_bindings"] = True
@@ -77,7 +77,7 @@ def step_machine(cfg: dict[str, Any]) -> dict[str, Any]:
         facts.setdefault("cuda_bindings", False)
         facts["tensorrt"] = None
         facts["tensorrt_reason"] = str(err)
-    from interactive.runtime.backends import available_backends
+    from interactive_features.runtime.backends import available_backends
 
     facts["backends"] = available_backends()
     return result("passed", details=facts)
@@ -88,14 +88,14 @@ def step_machine(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def step_engine(cfg: dict[str, Any]) -> dict[str, Any]:
     """The engine of the check: export it when absent, rebuild weights.bin when missing."""
-    from interactive.bench.gpu_engine import restore_weights, weights_ok
-    from interactive.runtime.manifest import EngineManifest
+    from interactive_features.bench.gpu_engine import restore_weights, weights_ok
+    from interactive_features.runtime.manifest import EngineManifest
 
     engine = Path(cfg["engine"])
     done: dict[str, Any] = {"engine": str(engine)}
     if not (engine / "manifest.json").exists():
-        from interactive.export.exporter import ExportRequest, export_engine
-        from interactive.runtime.settings import ExportSettings
+        from interactive_features.export.exporter import ExportRequest, export_engine
+        from interactive_features.runtime.settings import ExportSettings
 
         started = time.perf_counter()
         settings = ExportSettings(**cfg["export"])
@@ -119,7 +119,7 @@ def step_engine(cfg: dict[str, Any]) -> dict[str, Any]:
 def judged(report: Any, precision: str, width_div: int, scale: float) -> tuple[bool, str | None]:
     """(ok, why a failure is known): every check within `scale` x its limit; failures the
     README documents (KNOWN) are named instead of failing."""
-    from interactive.runtime.manifest import is_heatmap
+    from interactive_features.runtime.manifest import is_heatmap
 
     bad = [c for c in report.checks
            if not (c.rel_err <= c.max_rel_err * scale and c.cosine >= c.min_cosine)]  # fmt: skip
@@ -134,10 +134,10 @@ def judged(report: Any, precision: str, width_div: int, scale: float) -> tuple[b
 
 
 def step_torch(cfg: dict[str, Any]) -> dict[str, Any]:
-    from interactive.export.conformance import engine_reference, reference_outputs
-    from interactive.export.torch_backend import TorchBackend, device_unavailable_reason
-    from interactive.runtime.conformance import conformance_report
-    from interactive.runtime.manifest import EngineManifest
+    from interactive_features.export.conformance import engine_reference, reference_outputs
+    from interactive_features.export.torch_backend import TorchBackend, device_unavailable_reason
+    from interactive_features.runtime.conformance import conformance_report
+    from interactive_features.runtime.manifest import EngineManifest
 
     device = cfg["device"]
     why = device_unavailable_reason(device)
@@ -209,11 +209,11 @@ def verdict(cases: list[dict[str, Any]], ran: list[str], nothing: str) -> dict[s
 
 
 def step_plumbing(cfg: dict[str, Any]) -> dict[str, Any]:
-    from interactive.bench.cuda_plumbing import HostRuntime, exercise
+    from interactive_features.bench.cuda_plumbing import HostRuntime, exercise
 
     if cfg["device"] == "cuda":
-        from interactive.engines.tensorrt_plans import cuda_call, cudart_module
-        from interactive.runtime.manifest import EngineError
+        from interactive_features.engines.tensorrt_plans import cuda_call, cudart_module
+        from interactive_features.runtime.manifest import EngineError
 
         try:
             runtime = cudart_module()
@@ -260,13 +260,13 @@ class Timer:
 
 
 def step_benchmark(cfg: dict[str, Any]) -> dict[str, Any]:
-    from interactive.bench.cost import cost_per_image
-    from interactive.bench.machine import matmul_rates, peak_rate, probe_plan
-    from interactive.bench.peers import make_peer
-    from interactive.export.conformance import engine_reference
-    from interactive.export.spec import engine_spec
-    from interactive.export.torch_backend import TorchBackend, device_unavailable_reason
-    from interactive.runtime.manifest import EngineManifest
+    from interactive_features.bench.cost import cost_per_image
+    from interactive_features.bench.machine import matmul_rates, peak_rate, probe_plan
+    from interactive_features.bench.peers import make_peer
+    from interactive_features.export.conformance import engine_reference
+    from interactive_features.export.spec import engine_spec
+    from interactive_features.export.torch_backend import TorchBackend, device_unavailable_reason
+    from interactive_features.runtime.manifest import EngineManifest
 
     device = cfg["device"]
     why = device_unavailable_reason(device)

@@ -1,6 +1,7 @@
 """`interactive bench`: every backend against the peers, side by side, in one run.
 
-    python -m interactive.bench --engine DIR [--backends available] [--peers ...] [--buckets ...]
+    python -m interactive_features.bench --engine DIR [--backends available] [--peers ...]
+                                         [--buckets ...]
 
 A run is a list of cases (backend or peer x mode x bucket x batch x precision; bench/plan.py),
 each timed in a fresh process (bench/measure.py, bench/worker.py). The parent then adds the cost
@@ -24,19 +25,24 @@ import sys
 from datetime import datetime, timezone
 from typing import Any
 
-from interactive.bench.judge import add_conformance, nonconforming
-from interactive.bench.machine import gpu_name, machine_info
-from interactive.bench.measure import describe, measure, thread_env
-from interactive.bench.plan import ensure_forward_engine, matmul_case, plan_cases, profile_cases
-from interactive.bench.settings import build_parser, resolve_settings
-from interactive.bench.stats import add_stats, costs
-from interactive.runtime.manifest import EngineManifest
+from interactive_features.bench.judge import add_conformance, nonconforming
+from interactive_features.bench.machine import gpu_name, machine_info
+from interactive_features.bench.measure import describe, measure, thread_env
+from interactive_features.bench.plan import (
+    ensure_forward_engine,
+    matmul_case,
+    plan_cases,
+    profile_cases,
+)
+from interactive_features.bench.settings import build_parser, resolve_settings
+from interactive_features.bench.stats import add_stats, costs
+from interactive_features.runtime.manifest import EngineManifest
 
 SCHEMA = "interactive-bench/1"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from interactive.bench import report
+    from interactive_features.bench import report
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -83,7 +89,7 @@ def run_benchmark(
     args: argparse.Namespace, argv: list[str], created: str, stem: str
 ) -> dict[str, Any]:
     """Every case of the run, measured and judged; the returned dict is the run's JSON."""
-    from interactive.bench.photos import bucket_inputs
+    from interactive_features.bench.photos import bucket_inputs
 
     manifest = EngineManifest.load(args.engine)
     settings = resolve_settings(args, manifest)

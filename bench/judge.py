@@ -1,7 +1,7 @@
 """The conformance column: every case's outputs judged against the autograd reference of the run.
 
 Each backend or peer case that runs saves its last call's outputs (bench/worker.py). A case is
-judged with interactive.runtime.conformance.conformance_report, at its own precision, against
+judged with runtime/conformance.py's conformance_report, at its own precision, against
 the fp32 peer case that computes the same features from the same inputs (same mode, bucket,
 batch and device: such cases share their seed and files): the `reference` peer for InterActive
 cases, the `torch-forward` peer for forward-only ones. No extra reference run is made: without
@@ -14,8 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
-from interactive.runtime.conformance import conformance_report
+from interactive_features.runtime.conformance import conformance_report
 
 REFERENCE_PEER = {"interactive": "reference", "forward": "torch-forward"}
 

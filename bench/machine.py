@@ -18,7 +18,7 @@ from typing import Any
 # The vector extensions that decide what a CPU run can reach (fp32 FMA width, bf16 dot products,
 # AMX tiles), as /proc/cpuinfo spells them.
 VECTOR_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
-PACKAGES = ("torch", "onnxruntime", "onnx", "numpy", "captum", "tensorrt", "interactive")
+PACKAGES = ("torch", "onnxruntime", "onnx", "numpy", "captum", "tensorrt", "interactive-features")
 
 
 def cpuinfo(key: str) -> str:
@@ -141,8 +141,7 @@ def matmul_rates(
     torch with TF32 off (`fp32_math`), n = PROBE_SIZES[device] unless given."""
     import numpy as np
     import torch
-
-    from interactive.export.torch_backend import fp32_math
+    from interactive_features.export.torch_backend import fp32_math
 
     n = n or PROBE_SIZES.get(device, 2048)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -1,5 +1,5 @@
-"""Running one case: a fresh `python -m interactive.bench.worker` process per case, its threading
-libraries pinned by the environment, its result line merged back into the case."""
+"""Running one case: a fresh `python -m interactive_features.bench.worker` process per case,
+its threading libraries pinned by the environment, its result line merged back into the case."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from interactive.bench.worker import parse_result
-from interactive.runtime.buckets import format_size
+from interactive_features.bench.worker import parse_result
+from interactive_features.runtime.buckets import format_size
 
 
 def thread_env(threads: int) -> dict[str, str]:
@@ -32,7 +32,7 @@ def measure(
         log(f"skip {describe(case)}: {case['reason']}")
         return case
     log(f"run  {describe(case)}")
-    command = [sys.executable, "-m", "interactive.bench.worker", json.dumps(case)]
+    command = [sys.executable, "-m", "interactive_features.bench.worker", json.dumps(case)]
     started = time.perf_counter()
     try:
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)

@@ -1,6 +1,6 @@
 """The torch-side peers the engines are measured against, each `images uint8 NHWC -> features`.
 
-- `reference`: interactive.export.reference.reference_features, the autograd oracle (one backward
+- `reference`: export/reference.py's reference_features, the autograd oracle (one backward
   pass for all layers under `last`).
 - `naive`: one forward pass with autograd on, then one `torch.autograd.grad` per layer, each from
   the score (retain_graph), as a research script computing one layer at a time would.
@@ -30,11 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from interactive_features.export.reference import apply_unit, normalise, reference_features, score
+from interactive_features.export.spec import FeatureSpec, Unit, conv_weights
 from torch import nn
 from torch.nn.utils import skip_init
-
-from interactive.export.reference import apply_unit, normalise, reference_features, score
-from interactive.export.spec import FeatureSpec, Unit, conv_weights
 
 PeerFn = Callable[[np.ndarray], dict[str, np.ndarray]]
 PEERS = ("reference", "naive", "captum", "torch-forward")
@@ -45,7 +44,7 @@ FORWARD_CONFIG = "orig-avg"  # the forward-only floor's config (peer and engine 
 def precision_scope(device: str, precision: str) -> Iterator[None]:
     """Tensors made inside land on `device`; bf16/fp16 run under autocast. On CUDA, TF32 is
     off (`fp32_math`), as in the torch backend, so that "vs reference" compares the same math."""
-    from interactive.export.torch_backend import fp32_math
+    from interactive_features.export.torch_backend import fp32_math
 
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
     tf32 = fp32_math() if device.startswith("cuda") else contextlib.nullcontext()

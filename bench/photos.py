@@ -4,7 +4,7 @@ Nothing is read from disk (a wheel install has no test data): each image is a sm
 (bicubic upsampling of a coarse random grid) with fine grain on top, so that JPEG stores and
 decodes it at about the cost of a photo, not of a flat or a white-noise image.
 
-    python -m interactive.bench.photos DIR [--images 100] [--seed 0]
+    python -m interactive_features.bench.photos DIR [--images 100] [--seed 0]
 
 writes DIR/photo00000.jpg... at COLLECTION_SIZES in turn (two `common` buckets: 576x448 and
 512x512), the collection the index and Ray measurements of bench/RESULTS.md use.
@@ -50,7 +50,7 @@ def bucket_inputs(
 ) -> dict[str, list[str]]:
     """The e2e mode's files, per bucket ("WxH" -> paths): `count` photos of the bucket's aspect
     ratio at 1.5x its size, so that decoding resizes them as it would real photos."""
-    from interactive.runtime.buckets import format_size
+    from interactive_features.runtime.buckets import format_size
 
     files = {}
     for width, height in buckets:
@@ -61,7 +61,9 @@ def bucket_inputs(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m interactive.bench.photos", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="python -m interactive_features.bench.photos", description=__doc__
+    )
     p.add_argument("out", type=Path)
     p.add_argument("--images", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)

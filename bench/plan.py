@@ -13,17 +13,17 @@ import os
 from pathlib import Path
 from typing import Any
 
-from interactive.bench.settings import COMPILE_SUFFIX
-from interactive.runtime.buckets import format_size
-from interactive.runtime.manifest import EngineManifest
-from interactive.runtime.settings import ExportSettings
+from interactive_features.bench.settings import COMPILE_SUFFIX
+from interactive_features.runtime.buckets import format_size
+from interactive_features.runtime.manifest import EngineManifest
+from interactive_features.runtime.settings import ExportSettings
 
 Case = dict[str, Any]
 
 
 def forward_settings(manifest: EngineManifest) -> ExportSettings:
     """The export settings of the forward-only ORIG engine twin of `manifest`'s engine."""
-    from interactive.bench.peers import FORWARD_CONFIG
+    from interactive_features.bench.peers import FORWARD_CONFIG
 
     return manifest.settings.replace(config=FORWARD_CONFIG, heatmaps=False)
 
@@ -32,7 +32,7 @@ def ensure_forward_engine(
     manifest: EngineManifest, buckets: list[list[int]], cache: Path | None, log: Any
 ) -> Path:
     """Export (once, into the cache) the forward-only engine for the same weights and layers."""
-    from interactive.export.exporter import ExportRequest, export_engine
+    from interactive_features.export.exporter import ExportRequest, export_engine
 
     settings = forward_settings(manifest)
     identity = settings.identity()
@@ -73,7 +73,7 @@ def plan_cases(
     """Every case of the run in order. A backend or peer case that runs saves its last call's
     outputs to `outputs`/case-ID.npz, for the conformance verdicts (bench/judge.py). Cases of
     one mode, bucket and batch share their seed and files, so they see the same inputs."""
-    from interactive.runtime.backends import backend_status
+    from interactive_features.runtime.backends import backend_status
 
     reasons = {
         n: backend_status(n.removesuffix(COMPILE_SUFFIX), manifest) for n in settings["backends"]

@@ -19,8 +19,8 @@ TOP_NODES = 25
 
 def profile_ort(case: dict[str, Any]) -> dict[str, Any]:
     """Run the case's bucket `warmup + reps` times with profiling on; aggregate the trace."""
-    from interactive.bench.worker import random_batch
-    from interactive.runtime.manifest import EngineManifest
+    from interactive_features.bench.worker import random_batch
+    from interactive_features.runtime.manifest import EngineManifest
 
     manifest = EngineManifest.load(case["engine"])
     with tempfile.TemporaryDirectory(prefix="ort-profile-") as tmp:
@@ -34,7 +34,7 @@ def profile_ort(case: dict[str, Any]) -> dict[str, Any]:
 
 def profiling_session(manifest: Any, case: dict[str, Any], prefix: Path) -> Any:
     """An InferenceSession as the ort backend opens it (runtime.backends.ort_session), profiling."""
-    from interactive.runtime.backends import engine_initializers, ort_session
+    from interactive_features.runtime.backends import engine_initializers, ort_session
 
     return ort_session(
         manifest.bucket_path(tuple(case["bucket"])),

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from interactive.bench.judge import conformance_text
-from interactive.runtime.buckets import format_size
+from interactive_features.bench.judge import conformance_text
+from interactive_features.runtime.buckets import format_size
 
 PEER_LABELS = {
     "reference": "autograd reference",
@@ -75,7 +75,7 @@ def _conformance_lines(run: dict[str, Any]) -> list[str]:
     lines = [
         "Conformance: each case's last outputs against the fp32 reference peer case of the same "
         "inputs in this run (`reference` for InterActive outputs, `torch-forward` for "
-        "forward-only ones), judged by interactive.runtime.conformance at the case's precision "
+        "forward-only ones), judged by runtime/conformance.py at the case's precision "
         "(export/ALGORITHM.md section 6); the figure is the worst relative L2 error over its "
         'outputs. "not judged": the run has no such reference case.',
         "",

@@ -6,11 +6,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from interactive.bench.machine import usable_cores
-from interactive.runtime.buckets import parse_size
-from interactive.runtime.manifest import EngineManifest
-from interactive.runtime.registry import REGISTRY
-from interactive.runtime.settings import PRECISIONS, comma_list
+from interactive_features.bench.machine import usable_cores
+from interactive_features.runtime.buckets import parse_size
+from interactive_features.runtime.manifest import EngineManifest
+from interactive_features.runtime.registry import REGISTRY
+from interactive_features.runtime.settings import PRECISIONS, comma_list
 
 MODES = ("engine", "e2e")
 PEER_NAMES = ("reference", "naive", "captum", "torch-forward", "engine-forward")

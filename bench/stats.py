@@ -6,10 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
-from interactive.bench.machine import peak_rate
-from interactive.runtime.buckets import format_size
-from interactive.runtime.manifest import EngineManifest
+from interactive_features.bench.machine import peak_rate
+from interactive_features.runtime.buckets import format_size
+from interactive_features.runtime.manifest import EngineManifest
 
 PERCENTILES = (50, 90, 99)
 # Speed targets, checked for every InterActive engine case whose group has the peer or twin.
@@ -22,9 +21,9 @@ TARGETS = (
 
 def costs(manifest: EngineManifest, buckets: list[list[int]]) -> dict[str, Any]:
     """Cost model per bucket: the engine's own config, and its forward-only twin."""
-    from interactive.bench.cost import cost_per_image
-    from interactive.bench.peers import forward_spec
-    from interactive.export.spec import engine_spec
+    from interactive_features.bench.cost import cost_per_image
+    from interactive_features.bench.peers import forward_spec
+    from interactive_features.export.spec import engine_spec
 
     spec = engine_spec(manifest)
     out = {}

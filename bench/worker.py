@@ -1,4 +1,4 @@
-"""One benchmark case in a fresh process: `python -m interactive.bench.worker CASE_JSON`.
+"""One benchmark case in a fresh process: `python -m interactive_features.bench.worker CASE_JSON`.
 
 A fresh process per case makes the peak RSS (VmHWM) the case's own and lets the thread counts
 (OMP/MKL variables set by the parent, torch.set_num_threads, ONNX Runtime intra_op) apply from
@@ -89,9 +89,9 @@ def open_runner(case: dict[str, Any]) -> tuple[Callable[[], Any], Callable[[], N
 
 
 def _backend_runner(case: dict[str, Any]) -> tuple[Callable[[], Any], Callable[[], None]]:
-    from interactive.runtime.api import Extractor
-    from interactive.runtime.backends import open_backend
-    from interactive.runtime.manifest import EngineError, EngineManifest
+    from interactive_features.runtime.api import Extractor
+    from interactive_features.runtime.backends import open_backend
+    from interactive_features.runtime.manifest import EngineError, EngineManifest
 
     manifest = EngineManifest.load(case["engine"])
     try:
@@ -108,9 +108,9 @@ def _backend_runner(case: dict[str, Any]) -> tuple[Callable[[], Any], Callable[[
 
 
 def _peer_runner(case: dict[str, Any]) -> tuple[Callable[[], Any], Callable[[], None]]:
-    from interactive.bench.peers import make_peer
-    from interactive.export.conformance import engine_reference
-    from interactive.runtime.manifest import EngineManifest
+    from interactive_features.bench.peers import make_peer
+    from interactive_features.export.conformance import engine_reference
+    from interactive_features.runtime.manifest import EngineManifest
 
     spec, sd = engine_reference(EngineManifest.load(case["engine"]))
     peer = make_peer(case["peer"], spec, sd, case["device"], case["precision"])
@@ -122,7 +122,7 @@ def _peer_runner(case: dict[str, Any]) -> tuple[Callable[[], Any], Callable[[], 
 
 def decoded_batch(case: dict[str, Any]) -> np.ndarray:
     """The e2e input of a peer: the runtime's own decoding of the files, stacked."""
-    from interactive.runtime.images import prepare_image
+    from interactive_features.runtime.images import prepare_image
 
     bucket = tuple(case["bucket"])
     pixels = [prepare_image(f, lambda w, h: bucket).pixels for f in case["files"]]
@@ -132,8 +132,8 @@ def decoded_batch(case: dict[str, Any]) -> np.ndarray:
 def output_arrays(outputs: Any) -> dict[str, np.ndarray]:
     """A call's outputs by output name: a backend's or peer's dict as it is, the e2e mode's
     Features as its layers plus each layer's heatmaps stacked (named as the engine names them)."""
-    from interactive.runtime.api import Features
-    from interactive.runtime.manifest import heatmap_name
+    from interactive_features.runtime.api import Features
+    from interactive_features.runtime.manifest import heatmap_name
 
     if not isinstance(outputs, Features):
         return dict(outputs)
@@ -177,8 +177,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
 
 def run_matmul(case: dict[str, Any]) -> dict[str, Any]:
     import torch
-
-    from interactive.bench.machine import matmul_rates, probe_plan
+    from interactive_features.bench.machine import matmul_rates, probe_plan
 
     set_threads(case["threads"])
     precisions = case.get("precisions", ["fp32"])  # only those the run benchmarks
@@ -191,7 +190,7 @@ def run_matmul(case: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_profile(case: dict[str, Any]) -> dict[str, Any]:
-    from interactive.bench.profile import profile_ort
+    from interactive_features.bench.profile import profile_ort
 
     return {"status": "ok", **profile_ort(case)}
 

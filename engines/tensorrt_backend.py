@@ -27,12 +27,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
-from interactive.runtime.backends.base import GPU_DEVICES, Backend, check_device, cuda_index
-from interactive.runtime.backends.common import BucketCache, check_batch, cuda_device_count
-from interactive.runtime.buckets import format_size
-from interactive.runtime.manifest import EngineError, EngineManifest
-from interactive.runtime.settings import PRECISIONS
+from interactive_features.runtime.backends.base import (
+    GPU_DEVICES,
+    Backend,
+    check_device,
+    cuda_index,
+)
+from interactive_features.runtime.backends.common import BucketCache, check_batch, cuda_device_count
+from interactive_features.runtime.buckets import format_size
+from interactive_features.runtime.manifest import PACKAGE, EngineError, EngineManifest
+from interactive_features.runtime.settings import PRECISIONS
 
 from .tensorrt_plans import (
     build_command,
@@ -51,7 +55,7 @@ from .tensorrt_plans import (
 if TYPE_CHECKING:  # mypy checks the TensorRT calls against tensorrt-stubs
     import tensorrt as trt
 
-log = logging.getLogger("interactive")
+log = logging.getLogger(PACKAGE)
 
 
 def _library_reason() -> str | None:
@@ -245,7 +249,7 @@ def verify_refit_sources(manifest: EngineManifest, precision: str) -> None:
     """Check the files a refit reads against the manifest's sha256s before TensorRT reads them
     (it reads external data itself, past the runtime's checks): weights.bin's tensors and, for
     fp16/bf16, weights.PRECISION.bin. Both checks are remembered per process and file state."""
-    from interactive.runtime.weights import verify_weights
+    from interactive_features.runtime.weights import verify_weights
 
     verify_weights(manifest.weights_path, manifest.data["weights"]["tensors"])
     if precision != "fp32":

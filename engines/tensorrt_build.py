@@ -42,11 +42,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from interactive.runtime.atomic import atomic_path, write_bytes
-from interactive.runtime.buckets import format_size
-from interactive.runtime.locks import ENGINE_LOCK, exclusive_lock
-from interactive.runtime.manifest import EngineError, EngineManifest, write_manifest
-from interactive.runtime.settings import PRECISIONS, REDUCED_SEED_SCALE, seed_scale_for
+from interactive_features.runtime.atomic import atomic_path, write_bytes
+from interactive_features.runtime.buckets import format_size
+from interactive_features.runtime.locks import ENGINE_LOCK, exclusive_lock
+from interactive_features.runtime.manifest import EngineError, EngineManifest, write_manifest
+from interactive_features.runtime.settings import PRECISIONS, REDUCED_SEED_SCALE, seed_scale_for
 
 from .tensorrt_plans import (
     REDUCED_DTYPES,
@@ -361,7 +361,7 @@ def write_reduced_weights(
     the engine lock (build_plans does) and the manifest is rewritten when the file is."""
     import hashlib
 
-    from interactive.runtime.weights import mapped_weights
+    from interactive_features.runtime.weights import mapped_weights
 
     table = manifest.data["weights"]["tensors"]
     wanted = reduced_tensor_names(manifest)
@@ -584,14 +584,13 @@ def self_check_plan(
     keeps in the plan's facts (`self_check`). A check that cannot run is recorded and logged
     with its error, not raised: the plan is built either way."""
     import numpy as np
-
-    from interactive.runtime.backends.sessions import (
+    from interactive_features.runtime.backends.sessions import (
         BadGraphError,
         engine_initializers,
         ort_session,
     )
-    from interactive.runtime.conformance import conformance_report
-    from interactive.runtime.manifest import is_heatmap
+    from interactive_features.runtime.conformance import conformance_report
+    from interactive_features.runtime.manifest import is_heatmap
 
     from .tensorrt_backend import TensorRTBackend
 

@@ -2,7 +2,7 @@
 section and build facts, whether a plan runs here, the rebuild command, and the tensorrt and
 cuda-python modules (imported when first asked for, with an EngineError saying what to install).
 
-Imports no other module of interactive.engines, so that the builder (tensorrt_build) and the
+Imports no other module of engines/, so that the builder (tensorrt_build) and the
 backend (tensorrt_backend) both depend on this one and never on each other at import time.
 """
 
@@ -12,12 +12,12 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from interactive.runtime import weights
-from interactive.runtime.buckets import format_size
-from interactive.runtime.manifest import EngineError, EngineManifest
+from interactive_features.runtime import weights
+from interactive_features.runtime.buckets import format_size
+from interactive_features.runtime.manifest import EngineError, EngineManifest
 
 INSTALL = (
-    "pip install 'interactive[gpu]' tensorrt (TensorRT's wheels; NVIDIA's index: "
+    "pip install 'interactive-features[gpu]' tensorrt (TensorRT's wheels; NVIDIA's index: "
     "--extra-index-url https://pypi.nvidia.com)"
 )
 
@@ -181,7 +181,7 @@ def verify_reduced_weights(manifest: EngineManifest, precision: str) -> dict[str
     """The manifest's entry for `precision`'s reduced weights file, after checking the file
     against it: its name, size and sha256, and every tensor's bytes (EngineError naming the file
     and the fix otherwise)."""
-    from interactive.runtime.weights import verify_weights
+    from interactive_features.runtime.weights import verify_weights
 
     expected = reduced_weights_name(precision)
     rebuild = build_command(manifest, precision, force=True)

@@ -1,6 +1,6 @@
 """The autograd reference's side of a conformance check: what an engine should output.
 
-The verdict itself (tolerances, worst image, cosine) is interactive.runtime.conformance's one
+The verdict itself (tolerances, worst image, cosine) is runtime/conformance.py's one
 judge; this module gives it the reference outputs of an engine directory's own settings.
 """
 
@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
-from interactive.runtime.manifest import EngineManifest
-from interactive.runtime.settings import ExportSettings
+from interactive_features.runtime.manifest import EngineManifest
+from interactive_features.runtime.settings import ExportSettings
 
 from .reference import reference_features
 from .spec import FeatureSpec, engine_spec, load_state_dict

@@ -24,13 +24,17 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-
-from interactive.runtime.atomic import atomic_path
-from interactive.runtime.backends import ort_session, shared_initializers
-from interactive.runtime.buckets import all_buckets, common_buckets, format_size, parse_size
-from interactive.runtime.conformance import FP32_TOLERANCE, conformance_report
-from interactive.runtime.locks import ENGINE_LOCK, exclusive_lock
-from interactive.runtime.manifest import (
+from interactive_features.runtime.atomic import atomic_path
+from interactive_features.runtime.backends import ort_session, shared_initializers
+from interactive_features.runtime.buckets import (
+    all_buckets,
+    common_buckets,
+    format_size,
+    parse_size,
+)
+from interactive_features.runtime.conformance import FP32_TOLERANCE, conformance_report
+from interactive_features.runtime.locks import ENGINE_LOCK, exclusive_lock
+from interactive_features.runtime.manifest import (
     FORMAT,
     MANIFEST_FILE,
     EngineError,
@@ -38,7 +42,7 @@ from interactive.runtime.manifest import (
     package_version,
     write_manifest,
 )
-from interactive.runtime.settings import ExportSettings
+from interactive_features.runtime.settings import ExportSettings
 
 from .graph import AnalyticGraph
 from .reference import IMAGENET_MEAN, IMAGENET_STD, reference_features

@@ -1,6 +1,6 @@
 """`make run`: export the default engine for the buckets SOURCE needs, extract, summarise.
 
-    python -m interactive.export.quickstart SOURCE [--out OUT] [--engine DIR]
+    python -m interactive_features.export.quickstart SOURCE [--out OUT] [--engine DIR]
         [--weights imagenet|PATH|random:SEED] [--width-div 1] [--area 512]
 
 `--weights random:0 --width-div 8 --area 256` is a smoke run of the narrow test network (seconds,
@@ -17,11 +17,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from interactive.runtime.buckets import bucket_for, format_size
-from interactive.runtime.extract import extract_to_parquet
-from interactive.runtime.images import ImageError, image_size
-from interactive.runtime.index_sources import IMAGE_SUFFIXES, iter_sources
-from interactive.runtime.settings import ExportSettings
+from interactive_features.runtime.buckets import bucket_for, format_size
+from interactive_features.runtime.extract import extract_to_parquet
+from interactive_features.runtime.images import ImageError, image_size
+from interactive_features.runtime.index_sources import IMAGE_SUFFIXES, iter_sources
+from interactive_features.runtime.settings import ExportSettings
 
 from .exporter import ExportRequest, export_engine
 
@@ -54,7 +54,7 @@ def needed_buckets(files: list[Path], area_side: int = 512) -> list[tuple[int, i
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m interactive.export.quickstart")
+    parser = argparse.ArgumentParser(prog="python -m interactive_features.export.quickstart")
     parser.add_argument("source", type=Path, help="an image or a directory of images")
     parser.add_argument("--out", type=Path, default=Path("out"), help="where features.parquet goes")
     parser.add_argument("--engine", type=Path, help="engine directory (default under engines/)")

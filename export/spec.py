@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from interactive.runtime.manifest import EngineError, EngineManifest, heatmap_name
-from interactive.runtime.settings import (
+from interactive_features.runtime.manifest import EngineError, EngineManifest, heatmap_name
+from interactive_features.runtime.settings import (
     ARCHS,
     INTERACTIVE_CONFIGS,
     PAPER_LAYERS,

@@ -1,6 +1,6 @@
 """`backend="torch"`: the exported analytic graph run by PyTorch, on a CUDA GPU or the CPU.
 
-The module is AnalyticGraph itself (interactive.export.graph), the definition every ONNX file was
+The module is AnalyticGraph itself (export/graph.py), the definition every ONNX file was
 exported from, with ONE set of weights for all buckets read from the engine directory: the
 tensors of `weights.bin` through the manifest's table, plus the few initializers under 1 KiB that
 the exporter keeps inside the graph files (small biases), read from one bucket's ONNX file with
@@ -14,7 +14,7 @@ fp16/bf16 hold the weights and run the convolutions in reduced precision, with t
 scaled by `seed_scale` so that nothing underflows (export/ALGORITHM.md section 6) and the
 activeness collection in float32. On CUDA, TF32 is off at every precision (`fp32_math`).
 
-The backend lives beside the graph it runs (the runtime never imports interactive.export); torch
+The backend lives beside the graph it runs (the runtime never imports the export package); torch
 and the graph module are imported only when it is used, so the registry probes
 `TorchBackend.unavailable_reason` without paying for them.
 """
@@ -27,13 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from interactive.runtime.backends.base import CPU_DEVICES, Backend, check_device
-from interactive.runtime.backends.common import check_batch
-from interactive.runtime.manifest import EngineError, EngineManifest
-from interactive.runtime.optional import optional_import
-from interactive.runtime.settings import PRECISIONS, seed_scale_for
-from interactive.runtime.weights import mapped_weights
+from interactive_features.runtime.backends.base import CPU_DEVICES, Backend, check_device
+from interactive_features.runtime.backends.common import check_batch
+from interactive_features.runtime.manifest import EngineError, EngineManifest
+from interactive_features.runtime.optional import optional_import
+from interactive_features.runtime.settings import PRECISIONS, seed_scale_for
+from interactive_features.runtime.weights import mapped_weights
 
 # settings.PRECISIONS ("fp32", "fp16", "bf16") -> torch dtype name
 DTYPES = dict(zip(PRECISIONS, ("float32", "float16", "bfloat16"), strict=True))
@@ -41,7 +40,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 # Each distinct (bucket, padded batch) is one specialised graph; torch's default of 8 per code
 # object would silently fall back to eager after the first few.
 RECOMPILE_LIMIT = 512
-INSTALL = "pip install 'interactive[torch]'"
+INSTALL = "pip install 'interactive-features[torch]'"
 
 
 def _torch() -> Any:

@@ -16,10 +16,9 @@ from typing import Any
 
 import numpy as np
 import onnx
+from interactive_features.runtime.manifest import EngineError
+from interactive_features.runtime.weights import file_sha256
 from onnx import numpy_helper
-
-from interactive.runtime.manifest import EngineError
-from interactive.runtime.weights import file_sha256
 
 WEIGHTS_FILE = "weights.bin"
 ALIGNMENT = 64 * 1024

@@ -1,6 +1,6 @@
 """The runtime: numpy + onnxruntime + Pillow only (no torch unless a torch backend is asked for).
 
-`from interactive.runtime import Extractor` is the entry point, `index_job` runs
+`from interactive_features.runtime import Extractor` is the entry point, `index_job` runs
 `interactive index` from Python; submodules load lazily so that light commands
 (`interactive buckets`) start fast.
 """

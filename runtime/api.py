@@ -21,7 +21,7 @@ from .images import (
     describe,
     prepare_image,
 )
-from .manifest import BadBucketError, EngineManifest, heatmap_name
+from .manifest import PACKAGE, BadBucketError, EngineManifest, heatmap_name
 from .settings import NORMALIZATIONS
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     from .index import IndexReport
 
-log = logging.getLogger("interactive")
+log = logging.getLogger(PACKAGE)
 
 
 @dataclass
@@ -148,9 +148,9 @@ class Extractor:
 
         `backend`: "auto" (TensorRT plans for this GPU, else ONNX Runtime CUDA, else ONNX Runtime
         CPU), or one of "ort", "ort-cuda", "ort-tensorrt", "torch", "tensorrt"
-        (interactive.runtime.registry; a backend that cannot run here raises EngineError saying
+        (runtime/registry.py; a backend that cannot run here raises EngineError saying
         why). Options go to the backend, named from one vocabulary
-        (interactive.runtime.backends.base.OPTIONS; an option the backend does not take is
+        (runtime/backends/base.py's OPTIONS; an option the backend does not take is
         refused by name), e.g. for "ort": `max_open_buckets=4` (sessions kept open, least
         recently used closed first), `threads=0` (all cores); for "torch": `device`,
         `precision`, `compile`; for "tensorrt": `precision`, `lazy`, `device`.

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .buckets import all_buckets, bucket_for, format_size, parse_size
-from .manifest import EngineError
+from .manifest import PACKAGE, EngineError, package_version
 from .optional import optional_import
 from .paths import ESCAPE_ERRORS, display_name
 from .registry import BACKENDS
@@ -99,16 +99,7 @@ def configure_logging(level: str) -> None:
     """`--log-level` applies to interactive's own loggers only: third-party ones (PIL's TIFF tags,
     urllib3, matplotlib, fsspec...) stay at WARNING, so `--log-level debug` shows our messages."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    logging.getLogger("interactive").setLevel(level.upper())
-
-
-def package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("interactive")
-    except PackageNotFoundError:  # run from a tree that is not installed
-        return "unknown"
+    logging.getLogger(PACKAGE).setLevel(level.upper())
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -381,9 +372,9 @@ def _retype(p: argparse.ArgumentParser, **types: Callable[[str], Any]) -> None:
 
 def _run_export(args: argparse.Namespace) -> int:
     exporter = optional_import(
-        "interactive.export.exporter",
+        "interactive_features.export.exporter",
         "interactive export needs torch and onnx",
-        "`pip install torch==2.13.0` (CPU) then `pip install 'interactive[export]'`",
+        "`pip install torch==2.13.0` (CPU) then `pip install 'interactive-features[export]'`",
     )
     request = exporter.ExportRequest(
         out=args.out,
@@ -425,7 +416,7 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_build(args: argparse.Namespace) -> int:
-    from interactive.engines.tensorrt_build import BuildSettings, build_plans
+    from interactive_features.engines.tensorrt_build import BuildSettings, build_plans
 
     settings = BuildSettings(
         precision=args.precision,
@@ -572,7 +563,8 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument(
         "--ray", nargs="?", const="local", metavar="ADDRESS",
-        help="run on Ray (pip install 'interactive[ray]'): no ADDRESS starts a local instance; "
+        help="run on Ray (pip install 'interactive-features[ray]'): no ADDRESS starts a local "
+        "instance; "
         "'auto' joins this machine's cluster; 'ray://HOST:10001' goes through Ray Client",
     )  # fmt: skip
     p.add_argument("--actors", type=_at_least(1), default=1, help="with --ray: extraction actors")
@@ -665,7 +657,7 @@ def _run_viz(args: argparse.Namespace) -> int:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    # Every argument goes to interactive.bench's own parser (imported only when run, since it
+    # Every argument goes to the bench package's own parser (imported only when run, since it
     # needs torch): no '-' prefix here, so `--engine ...` is collected rather than parsed.
     p = sub.add_parser(
         "bench",
@@ -679,9 +671,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 def _run_bench(args: argparse.Namespace) -> int:
     harness = optional_import(
-        "interactive.bench.harness",
+        "interactive_features.bench.harness",
         "interactive bench needs torch, captum and matplotlib",
-        "`pip install 'interactive[export,bench]'`",
+        "`pip install 'interactive-features[export,bench]'`",
     )
     return int(harness.main(args.bench_args))
 

@@ -4,7 +4,7 @@
 relative L2 error and the lowest cosine similarity, each against the limit for the engine's
 precision. Export validation, the test suite, the GPU check and the benchmark's conformance
 column all judge with it, so a verdict means the same everywhere. numpy only: the reference's
-outputs come from interactive.export.reference, as arrays.
+outputs come from interactive_features.export.reference, as arrays.
 """
 
 from __future__ import annotations

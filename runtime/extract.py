@@ -1,6 +1,6 @@
 """`interactive extract` as a function: images -> one Parquet file, streamed, with a summary.
 
-The CLI's `extract` command and `make run` (interactive.export.quickstart) both call it. Rows
+The CLI's `extract` command and `make run` (export/quickstart.py) both call it. Rows
 are written as their batches finish (a ParquetWriter into the atomic temporary, renamed when
 whole), so memory holds one partial batch per bucket, never the whole output; they come in the
 order batches finish, not in the order of `images` (join on `path`).

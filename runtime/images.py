@@ -17,7 +17,7 @@ Policies a caller may care about:
   (CMYK uses Pillow's plain CMYK -> RGB conversion). A profile littleCMS cannot read is ignored
   (logged at debug level), never an error.
 - Formats: JPEG (and MPO), PNG, GIF, BMP, TIFF, WebP, PPM, AVIF where this Pillow decodes it, and
-  HEIC/HEIF through the optional ``pillow-heif`` plugin (``pip install 'interactive[heic]'``);
+  HEIC/HEIF through the optional ``pillow-heif`` plugin (the ``heic`` extra);
   nothing else, so that Pillow never hands a file to Ghostscript (EPS, PS, PDF).
 - 16-bit greyscale (``I;16*``) is scaled to 8 bits with 65535 -> 255; mode ``I`` (32-bit) is read
   as 16-bit data (clipped to 0..65535, then scaled); mode ``F`` is read on Pillow's 0..255 scale.

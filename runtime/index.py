@@ -60,7 +60,7 @@ from .buckets import format_size
 from .images import ImageError, PreparedImage, image_size, prepare_image
 from .index_sources import IndexJobError, iter_sources, limited
 from .locks import exclusive_lock
-from .manifest import EngineManifest, package_version
+from .manifest import PACKAGE, EngineManifest, package_version
 from .parquet import features_table, output_metadata, read_table, split_status, write_table
 from .settings import NORMALIZATIONS
 
@@ -76,7 +76,7 @@ ROW_OPTIONS = ("layers", "normalize", "concat", "path_column", "heatmaps", "cont
 ID_SCHEME = "sha1(normpath(abspath(path)))[:16]"
 LIST_CHUNK = 65536  # SOURCE entries hashed and looked up per numpy call while planning
 HASH_IN_MEMORY = 256 * 2**20  # --content-hash: larger files are hashed in a separate read
-log = logging.getLogger("interactive")
+log = logging.getLogger(PACKAGE)
 
 
 @dataclass

@@ -147,12 +147,21 @@ class EngineManifest:
         return shlex.join(args)
 
 
+# The distribution name on PyPI and the import package's name. The PyPI name `interactive` is an
+# unrelated 2015 package whose import package `Interactive` would share a folder with ours on
+# case-insensitive file systems (macOS, Windows); the command stays `interactive` (it installs no
+# script) and `python -m interactive_features.runtime.cli` is the
+# spelling no other package's script can shadow.
+DISTRIBUTION = "interactive-features"
+PACKAGE = "interactive_features"
+
+
 def package_version() -> str:
     """This package's installed version (recorded beside every artifact)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return version("interactive")
+        return version(DISTRIBUTION)
     except PackageNotFoundError:
         return "0+unknown"
 

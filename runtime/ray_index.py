@@ -13,7 +13,7 @@ position) and hands each shard back to the job, which writes it, once all its ro
   the driver keeps the first copy of each (shard, position), so a retry can never duplicate a row;
 - a bad image is a status row made by the decoding task, never a failed task.
 
-Only this module imports ray, and only inside functions: `pip install 'interactive[ray]'`.
+Only this module imports ray, and only inside functions: `pip install 'interactive-features[ray]'`.
 Engines reach the workers by path: the engine directory (and the images) must be readable at the
 same path on every node (shared filesystem, or a copy per node, see the README). Actors on one
 node share the memory-mapped weights file through the page cache.
@@ -71,7 +71,7 @@ DECODED = pa.schema(
 
 def ray_module() -> Any:
     """`ray`, or a clear error saying how to install it."""
-    return optional_import("ray", "--ray needs Ray Data", "pip install 'interactive[ray]'")
+    return optional_import("ray", "--ray needs Ray Data", "pip install 'interactive-features[ray]'")
 
 
 # ------------------------------------------------------------------------------------------------

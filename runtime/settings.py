@@ -4,7 +4,7 @@
 `export`; everything else is derived from it: the CLI's flags, choices and defaults
 (`add_export_arguments`, `from_args`), the manifest's identity (`identity`, `from_identity`), the
 command that adds buckets to a directory (`export_args`), the torch backend's and the
-benchmark's network (`interactive.export.spec.FeatureSpec.from_settings`). Torch-free, so the
+benchmark's network (export/spec.py's `FeatureSpec.from_settings`). Torch-free, so the
 runtime and the CLI read it without the export stage.
 
 Exported graphs are float32. Reduced precision (`PRECISIONS`) is a backend's or a TensorRT
@@ -22,7 +22,7 @@ from typing import Any
 from .buckets import format_size, parse_size
 
 # Convs per block of each architecture (torchvision's configurations "D" and "E"); the spec
-# table (interactive.export.spec) builds the network from it.
+# table (interactive_features.export.spec) builds the network from it.
 VGG_BLOCKS: dict[str, tuple[int, ...]] = {"vgg16": (2, 2, 3, 3, 3), "vgg19": (2, 2, 4, 4, 4)}
 ARCHS = tuple(VGG_BLOCKS)
 # `last`: score on fc-7 for every layer; `next`: on the unit right above each layer;

@@ -11,11 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from interactive.export.exporter import ExportRequest, export_engine
-from interactive.export.spec import load_state_dict
-from interactive.runtime.conformance import conformance_report
-from interactive.runtime.settings import ExportSettings
+from interactive_features.export.exporter import ExportRequest, export_engine
+from interactive_features.export.spec import load_state_dict
+from interactive_features.runtime.conformance import conformance_report
+from interactive_features.runtime.settings import ExportSettings
 
 DATA = Path(__file__).parent / "data"
 NARROW = 8

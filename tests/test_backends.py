@@ -1,4 +1,4 @@
-"""The backend contract (interactive.runtime.backends.base): every registered class keeps it, one
+"""The backend contract (runtime/backends/base.py): every registered class keeps it, one
 options vocabulary refused by name, one device parser, and the import directions between the
 packages (the registry lists names without importing any backend)."""
 
@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from interactive.runtime.backends import (
+from interactive_features.runtime.backends import (
     OPTIONS,
     Backend,
     OrtBackend,
@@ -21,11 +20,11 @@ from interactive.runtime.backends import (
     cuda_index,
     open_backend,
 )
-from interactive.runtime.backends.base import GPU_DEVICES
-from interactive.runtime.backends.ort import OrtCudaBackend, OrtTensorrtBackend
-from interactive.runtime.manifest import EngineError, EngineManifest
-from interactive.runtime.registry import REGISTRY
-from interactive.runtime.settings import PRECISIONS
+from interactive_features.runtime.backends.base import GPU_DEVICES
+from interactive_features.runtime.backends.ort import OrtCudaBackend, OrtTensorrtBackend
+from interactive_features.runtime.manifest import EngineError, EngineManifest
+from interactive_features.runtime.registry import REGISTRY
+from interactive_features.runtime.settings import PRECISIONS
 
 
 def _keyword_options(cls: type) -> set[str]:
@@ -108,11 +107,11 @@ def _run(code: str) -> None:
 def test_registry_lists_names_without_importing_a_backend() -> None:
     _run("""
 import sys
-from interactive.runtime.registry import BACKENDS, REGISTRY
-import interactive.runtime.cli
+from interactive_features.runtime.registry import BACKENDS, REGISTRY
+import interactive_features.runtime.cli
 assert set(REGISTRY) == {"ort", "ort-cuda", "ort-tensorrt", "torch", "tensorrt"} < set(BACKENDS)
 heavy = ("numpy", "onnxruntime", "torch")
-ours = ("interactive.runtime.backends", "interactive.export", "interactive.engines")
+ours = tuple(f"interactive_features.{p}" for p in ("runtime.backends", "export", "engines"))
 loaded = [m for m in sys.modules if m.split(".")[0] in heavy or m.startswith(ours)]
 assert not loaded, loaded
 """)
@@ -123,18 +122,19 @@ def test_packages_import_in_one_direction() -> None:
     bench), engines never export; the TensorRT builder never imports the TensorRT backend."""
     _run("""
 import importlib, pkgutil, sys
-import interactive.runtime as runtime
-for module in pkgutil.walk_packages(runtime.__path__, "interactive.runtime."):
+import interactive_features.runtime as runtime
+for module in pkgutil.walk_packages(runtime.__path__, "interactive_features.runtime."):
     importlib.import_module(module.name)
-others = ("interactive.export", "interactive.engines", "interactive.bench")
+others = tuple(f"interactive_features.{p}" for p in ("export", "engines", "bench"))
 bad = [m for m in sys.modules if m.startswith(others)]
 assert not bad, bad
-import interactive.engines.tensorrt_build
-assert "interactive.engines.tensorrt_backend" not in sys.modules
-import interactive.engines.tensorrt_backend
-bad = [m for m in sys.modules if m.startswith("interactive.export")]
+import interactive_features.engines.tensorrt_build
+assert "interactive_features.engines.tensorrt_backend" not in sys.modules
+import interactive_features.engines.tensorrt_backend
+bad = [m for m in sys.modules if m.startswith("interactive_features.export")]
 assert not bad, bad  # engines never imports export
-import interactive.export.torch_backend
-bad = [m for m in sys.modules if m.startswith("interactive.bench") or m in ("torch", "tensorrt")]
+import interactive_features.export.torch_backend
+bench = "interactive_features.bench"
+bad = [m for m in sys.modules if m.startswith(bench) or m in ("torch", "tensorrt")]
 assert not bad, bad
 """)

@@ -18,18 +18,17 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-
-from interactive.bench import photos
-from interactive.bench.cost import cost_per_image
-from interactive.bench.harness import exit_status
-from interactive.bench.harness import main as bench_main
-from interactive.bench.judge import add_conformance
-from interactive.bench.peers import PEERS, forward_spec, make_peer
-from interactive.bench.profile import aggregate_trace
-from interactive.export.reference import reference_features
-from interactive.export.spec import FeatureSpec
-from interactive.runtime.cli import main as cli_main
-from interactive.runtime.manifest import EngineError, heatmap_name
+from interactive_features.bench import photos
+from interactive_features.bench.cost import cost_per_image
+from interactive_features.bench.harness import exit_status
+from interactive_features.bench.harness import main as bench_main
+from interactive_features.bench.judge import add_conformance
+from interactive_features.bench.peers import PEERS, forward_spec, make_peer
+from interactive_features.bench.profile import aggregate_trace
+from interactive_features.export.reference import reference_features
+from interactive_features.export.spec import FeatureSpec
+from interactive_features.runtime.cli import main as cli_main
+from interactive_features.runtime.manifest import EngineError, heatmap_name
 
 from conftest import NARROW, assert_close
 
@@ -264,7 +263,7 @@ def test_bad_settings_are_named(narrow_engine: Path, tmp_path: Path) -> None:
 
 def test_cli_parser_imports_no_torch() -> None:
     code = (
-        "import sys; from interactive.runtime.cli import build_parser; "
+        "import sys; from interactive_features.runtime.cli import build_parser; "
         "a = build_parser().parse_args(['bench', '--engine', 'E', '--batch', '1,8']); "
         "assert a.bench_args == ['--engine', 'E', '--batch', '1,8'], a; "
         "assert 'torch' not in sys.modules"
@@ -325,7 +324,7 @@ def test_profile_aggregation_drops_the_warm_up() -> None:
 
 
 def test_matmul_probes_only_what_runs_natively() -> None:
-    from interactive.bench.machine import PROBE_SIZES, probe_plan
+    from interactive_features.bench.machine import PROBE_SIZES, probe_plan
 
     avx2 = ["avx2"]
     assert probe_plan("cpu", ["fp32", "bf16"], avx2)[0] == ["fp32"]
@@ -341,8 +340,8 @@ def test_reference_peer_runs_with_tf32_off_on_cuda(monkeypatch: pytest.MonkeyPat
     """The peers' precision scope enters fp32_math on CUDA (as the torch backend does)."""
     import contextlib
 
-    from interactive.bench import peers
-    from interactive.export import torch_backend
+    from interactive_features.bench import peers
+    from interactive_features.export import torch_backend
 
     entered = []
 

@@ -6,8 +6,7 @@ import math
 from fractions import Fraction
 
 import pytest
-
-from interactive.runtime.buckets import (
+from interactive_features.runtime.buckets import (
     COMMON_RATIOS,
     DEFAULT_AREA,
     MIN_SIDE,

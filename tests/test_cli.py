@@ -10,18 +10,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from interactive_features.runtime import Extractor
+from interactive_features.runtime.cli import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, main
+from interactive_features.runtime.parquet import layer_matrix
+from interactive_features.runtime.viz import output_size
 from PIL import Image
-
-from interactive.runtime import Extractor
-from interactive.runtime.cli import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, main
-from interactive.runtime.parquet import layer_matrix
-from interactive.runtime.viz import output_size
 
 from conftest import NARROW, photos
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "interactive.runtime.cli", *args]
+    command = [sys.executable, "-m", "interactive_features.runtime.cli", *args]
     return subprocess.run(command, capture_output=True, text=True)
 
 
@@ -178,14 +177,16 @@ def test_log_level_is_interactive_only() -> None:
     import logging
 
     root = logging.getLogger()
-    saved = root.level, root.handlers[:], logging.getLogger("interactive").level
+    saved = root.level, root.handlers[:], logging.getLogger("interactive_features").level
     try:
         assert main(["--log-level", "debug", "buckets", "500x375"]) == EXIT_OK
-        assert logging.getLogger("interactive").getEffectiveLevel() == logging.DEBUG
-        assert logging.getLogger("interactive.runtime").getEffectiveLevel() == logging.DEBUG
+        assert logging.getLogger("interactive_features").getEffectiveLevel() == logging.DEBUG
+        assert (
+            logging.getLogger("interactive_features.runtime").getEffectiveLevel() == logging.DEBUG
+        )
         for name in ("PIL", "PIL.TiffImagePlugin", "urllib3", "matplotlib", "fsspec"):
             assert logging.getLogger(name).getEffectiveLevel() == logging.WARNING, name
     finally:
         root.setLevel(saved[0])
         root.handlers[:] = saved[1]
-        logging.getLogger("interactive").setLevel(saved[2])
+        logging.getLogger("interactive_features").setLevel(saved[2])

@@ -14,12 +14,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from interactive.export.conformance import engine_reference, reference_outputs
-from interactive.runtime.backends import backend_status, open_backend
-from interactive.runtime.conformance import HEATMAP_TOLERANCE, conformance_report
-from interactive.runtime.images import load_image, resize_to
-from interactive.runtime.manifest import EngineManifest, is_heatmap
+from interactive_features.export.conformance import engine_reference, reference_outputs
+from interactive_features.runtime.backends import backend_status, open_backend
+from interactive_features.runtime.conformance import HEATMAP_TOLERANCE, conformance_report
+from interactive_features.runtime.images import load_image, resize_to
+from interactive_features.runtime.manifest import EngineManifest, is_heatmap
 
 from conftest import photos
 
@@ -85,7 +84,7 @@ def skip_reason(name: str, options: dict[str, Any], manifest: EngineManifest) ->
     """Why this case cannot run here: the registry's reason, or the torch backend's device."""
     reason = backend_status(name, manifest)
     if reason is None and name == "torch" and "device" in options:
-        from interactive.export.torch_backend import device_unavailable_reason
+        from interactive_features.export.torch_backend import device_unavailable_reason
 
         reason = device_unavailable_reason(options["device"])
     return reason

@@ -11,18 +11,17 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
-from interactive.export.exporter import (
+from interactive_features.export.exporter import (
     ExportValidationError,
     export_engine,
     resolve_buckets,
 )
-from interactive.export.reference import reference_features
-from interactive.export.spec import PAPER_LAYERS, FeatureSpec
-from interactive.export.weights_file import SharedWeights, WeightsMismatchError
-from interactive.runtime import Extractor, conformance
-from interactive.runtime.backends import engine_initializers, ort_session
-from interactive.runtime.manifest import EngineError, EngineManifest
+from interactive_features.export.reference import reference_features
+from interactive_features.export.spec import PAPER_LAYERS, FeatureSpec
+from interactive_features.export.weights_file import SharedWeights, WeightsMismatchError
+from interactive_features.runtime import Extractor, conformance
+from interactive_features.runtime.backends import engine_initializers, ort_session
+from interactive_features.runtime.manifest import EngineError, EngineManifest
 
 from conftest import NARROW, assert_close, narrow_request
 

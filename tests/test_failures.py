@@ -18,16 +18,15 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from interactive_features.runtime import cli
+from interactive_features.runtime.cli import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, main
+from interactive_features.runtime.index import read_index
+from interactive_features.runtime.paths import display_name, name_bytes
 from test_index import processes_running_with
-
-from interactive.runtime import cli
-from interactive.runtime.cli import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, main
-from interactive.runtime.index import read_index
-from interactive.runtime.paths import display_name, name_bytes
 
 import imagegen
 
-CLI = [sys.executable, "-m", "interactive.runtime.cli"]
+CLI = [sys.executable, "-m", "interactive_features.runtime.cli"]
 NAME = os.fsdecode(b"caf\xff.jpg")  # a name that is not valid UTF-8
 
 

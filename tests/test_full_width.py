@@ -14,11 +14,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-
-from interactive.export.reference import reference_features
-from interactive.export.spec import PAPER_LAYERS, FeatureSpec, load_state_dict
-from interactive.runtime import Extractor
-from interactive.runtime.parquet import layer_matrix
+from interactive_features.export.reference import reference_features
+from interactive_features.export.spec import PAPER_LAYERS, FeatureSpec, load_state_dict
+from interactive_features.runtime import Extractor
+from interactive_features.runtime.parquet import layer_matrix
 
 from conftest import assert_close, photos
 
@@ -27,7 +26,14 @@ SPEC = FeatureSpec("vgg16", "last", 2, PAPER_LAYERS)
 
 
 def export(out: Path, *args: str) -> None:
-    command = [sys.executable, "-m", "interactive.runtime.cli", "export", "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "interactive_features.runtime.cli",
+        "export",
+        "--out",
+        str(out),
+    ]
     command += ["--weights", "random:0", *args]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -63,7 +69,14 @@ def test_area_256_api_and_cli(tmp_path: Path, state_dict: dict) -> None:
 
     paths = [p for p in images if isinstance(p, str)]
     out = tmp_path / "features.parquet"
-    command = [sys.executable, "-m", "interactive.runtime.cli", "extract", "--engine", str(engine)]
+    command = [
+        sys.executable,
+        "-m",
+        "interactive_features.runtime.cli",
+        "extract",
+        "--engine",
+        str(engine),
+    ]
     result = subprocess.run([*command, "-o", str(out), *paths], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     table = pq.read_table(out)

@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from interactive.bench.gpu_engine import restore_weights, strip, weights_ok
-from interactive.runtime.manifest import EngineError, EngineManifest, write_manifest
+from interactive_features.bench.gpu_engine import restore_weights, strip, weights_ok
+from interactive_features.runtime.manifest import EngineError, EngineManifest, write_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,7 +77,7 @@ def test_a_failing_case_or_step_fails_the_check(stripped: Path, tmp_path: Path) 
     is a function); a step that raises fails the whole check (its exit status)."""
     import time
 
-    from interactive.bench.gpu_steps import step_torch
+    from interactive_features.bench.gpu_steps import step_torch
 
     restore_weights(stripped)
     config = {"device": "cpu", "engine": str(stripped), "precisions": ["fp32"],

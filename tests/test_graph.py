@@ -7,10 +7,9 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
-
-from interactive.export.graph import AnalyticGraph, route_to_switches, window_switches
-from interactive.export.reference import reference_features
-from interactive.export.spec import PAPER_LAYERS, FeatureSpec, load_state_dict, units
+from interactive_features.export.graph import AnalyticGraph, route_to_switches, window_switches
+from interactive_features.export.reference import reference_features
+from interactive_features.export.spec import PAPER_LAYERS, FeatureSpec, load_state_dict, units
 
 from conftest import NARROW, assert_close
 

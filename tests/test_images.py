@@ -13,10 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
-from interactive.runtime.buckets import bucket_for
-from interactive.runtime.images import (
+from interactive_features.runtime.buckets import bucket_for
+from interactive_features.runtime.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
     PreparedImage,
@@ -26,6 +24,7 @@ from interactive.runtime.images import (
     prepare_image,
     resize_to,
 )
+from PIL import Image
 
 import imagegen
 
@@ -465,7 +464,7 @@ def test_prepare_image_exif_rotated(tmp_path: Path) -> None:
 
 def test_runtime_does_not_import_torch() -> None:
     code = (
-        "import sys, interactive.runtime.images, interactive.runtime.buckets; "
+        "import sys, interactive_features.runtime.images, interactive_features.runtime.buckets; "
         "sys.exit('torch' in sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

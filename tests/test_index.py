@@ -14,19 +14,18 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
-
-from interactive.runtime import Extractor
-from interactive.runtime.index import (
+from interactive_features.runtime import Extractor
+from interactive_features.runtime.index import (
     IndexJobError,
     IndexOptions,
     iter_sources,
     read_index,
     run_index,
 )
-from interactive.runtime.index_local import LocalExecutor
-from interactive.runtime.manifest import EngineError
-from interactive.runtime.parquet import layer_matrix, shrink_heatmap
+from interactive_features.runtime.index_local import LocalExecutor
+from interactive_features.runtime.manifest import EngineError
+from interactive_features.runtime.parquet import layer_matrix, shrink_heatmap
+from PIL import Image
 
 import imagegen
 from conftest import photos
@@ -157,7 +156,7 @@ def test_job_errors_come_before_any_work(narrow_engine: Path, tmp_path: Path) ->
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "interactive.runtime.cli", "index", *args]
+    command = [sys.executable, "-m", "interactive_features.runtime.cli", "index", *args]
     return subprocess.run(command, capture_output=True, text=True)
 
 
@@ -198,7 +197,15 @@ def test_resume_after_sigkill_is_exactly_once(
     whole = tmp_path / "whole"
     assert cli(*args, "-o", str(whole)).returncode == 3  # bad inputs included
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "interactive.runtime.cli", "index", *args, "-o", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "interactive_features.runtime.cli",
+        "index",
+        *args,
+        "-o",
+        str(out),
+    ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while not (out / "part-00001.parquet").exists() and time.time() < deadline:

@@ -20,18 +20,17 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
-from interactive.runtime import index as index_module
-from interactive.runtime.index import (
+from interactive_features.runtime import index as index_module
+from interactive_features.runtime.index import (
     IndexJobError,
     IndexOptions,
     IndexReport,
     run_index,
     source_id,
 )
-from interactive.runtime.index_local import LocalExecutor
-from interactive.runtime.locks import LockedError, exclusive_lock
-from interactive.runtime.parquet import layer_matrix
+from interactive_features.runtime.index_local import LocalExecutor
+from interactive_features.runtime.locks import LockedError, exclusive_lock
+from interactive_features.runtime.parquet import layer_matrix
 
 import imagegen
 
@@ -103,12 +102,12 @@ def index_args(source: Path, engine: Path, out: Path, *more: str) -> list[str]:
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "interactive.runtime.cli", "index", *args]
+    command = [sys.executable, "-m", "interactive_features.runtime.cli", "index", *args]
     return subprocess.run(command, capture_output=True, text=True, cwd=cwd)
 
 
 def start(args: list[str], log: Path | None = None) -> subprocess.Popen:
-    command = [sys.executable, "-m", "interactive.runtime.cli", "index", *args]
+    command = [sys.executable, "-m", "interactive_features.runtime.cli", "index", *args]
     stderr = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 (the process owns it)
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
 
@@ -227,7 +226,7 @@ def test_the_lock_is_exclusive_and_released(tmp_path: Path) -> None:
         holder = json.loads(lock.read_text())
         assert holder["pid"] == os.getpid() and holder["host"] and holder["command"]
         code = (
-            "import sys; from interactive.runtime.locks import exclusive_lock\n"
+            "import sys; from interactive_features.runtime.locks import exclusive_lock\n"
             f"with exclusive_lock({str(lock)!r}, 'thing'): pass"
         )
         other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -13,13 +13,12 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
+from interactive_features.runtime import Extractor, images
+from interactive_features.runtime.images import ImageError, image_size, load_image, prepare_image
+from interactive_features.runtime.index import IndexOptions, run_index, source_id
+from interactive_features.runtime.index_local import LocalExecutor
+from interactive_features.runtime.index_sources import iter_sources
 from PIL import Image, ImageCms, features
-
-from interactive.runtime import Extractor, images
-from interactive.runtime.images import ImageError, image_size, load_image, prepare_image
-from interactive.runtime.index import IndexOptions, run_index, source_id
-from interactive.runtime.index_local import LocalExecutor
-from interactive.runtime.index_sources import iter_sources
 
 import imagegen
 
@@ -209,7 +208,7 @@ def test_srgb_absent_or_broken_profiles_leave_pixels_alone(tmp_path: Path, caplo
     srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     named = matrix_profile("sRGB IEC61966-2.1", gamma=2.2)
     lab = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()
-    with caplog.at_level(logging.DEBUG, logger="interactive.runtime.images"):
+    with caplog.at_level(logging.DEBUG, logger="interactive_features.runtime.images"):
         for i, icc in enumerate([srgb, named, lab, b"not a profile at all" * 10]):
             got = load_image(_with_profile(tmp_path, icc, f"p{i}.png"))
             assert got.tobytes() == plain.tobytes()

@@ -3,10 +3,11 @@
 Each case copies the source tree into tmp_path (so the build writes its build/ and *.egg-info
 there, not into the repository), makes a bare venv from the base interpreter, installs the
 project with `pip install --no-deps` and then checks, from a neutral working directory, where
-`interactive.runtime` and `interactive.export` are imported from and that the `interactive`
-console script runs. The build itself uses pip's default build isolation: the setuptools a venv
-ships (65.5 on Python 3.11) cannot build wheels without the separate `wheel` package, so the
-isolated build environment fetches `setuptools>=64` (pyproject's build requirement) instead.
+`interactive_features.runtime` and `interactive_features.export` are imported from and that
+the `interactive` console script runs. The build itself uses pip's default build isolation:
+the setuptools a venv ships (65.5 on Python 3.11) cannot build wheels without the separate
+`wheel` package, so the isolated build environment fetches `setuptools>=64` (pyproject's build
+requirement) instead.
 """
 
 from __future__ import annotations
@@ -25,13 +26,13 @@ import tomllib
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-# What a build needs: pyproject's package-dir maps each folder to its interactive.* package;
+# What a build needs: pyproject's package-dir maps each folder to its package;
 # README.md is the project's `readme`.
 SOURCE_FILES = ("pyproject.toml", "README.md")
 
 
 def package_dirs() -> dict[str, str]:
-    """Folder -> package path, from pyproject's package-dir (export -> interactive/export)."""
+    """Folder -> package path, from pyproject's package-dir (export -> <package>/export)."""
     with open(REPO / "pyproject.toml", "rb") as f:
         mapping = tomllib.load(f)["tool"]["setuptools"]["package-dir"]
     return {folder: package.replace(".", "/") for package, folder in mapping.items()}
@@ -59,11 +60,11 @@ RUN_TIMEOUT_S = 60
 # Run by the new venv's python: where things are imported from, without importing torch.
 PROBE = """
 import importlib.metadata, importlib.util, json, sysconfig
-import interactive.runtime.buckets as buckets
-import interactive.runtime.cli as cli
-export = importlib.util.find_spec("interactive.export.exporter")
+import interactive_features.runtime.buckets as buckets
+import interactive_features.runtime.cli as cli
+export = importlib.util.find_spec("interactive_features.export.exporter")
 try:
-    files = [f.as_posix() for f in importlib.metadata.files("interactive") or []]
+    files = [f.as_posix() for f in importlib.metadata.files("interactive-features") or []]
 except importlib.metadata.PackageNotFoundError:
     files = None
 print(json.dumps({
@@ -157,17 +158,22 @@ def test_pip_install(tmp_path: Path, editable: bool) -> None:
 
     info = json.loads(run([python, "-I", "-c", PROBE], cwd=tmp_path).strip().splitlines()[-1])
     check(not info["numpy"] and not info["torch"], f"the new venv is not bare: {info}")
-    check(info["export"] is not None, "interactive.export.exporter is not findable")
+    check(info["export"] is not None, "interactive_features.export.exporter is not findable")
 
     if editable:
         for key in ("buckets", "cli", "export"):
             check(is_inside(info[key], src), f"{key} comes from {info[key]}, not from {src}")
         check(
-            not (Path(info["purelib"]) / "interactive").exists(),
-            "an editable install copied interactive/ into site-packages",
+            not (Path(info["purelib"]) / "interactive_features").exists(),
+            "an editable install copied interactive_features/ into site-packages",
         )
         probe = run(
-            [python, "-I", "-c", "import interactive.runtime._editable_probe as m; print(m.VALUE)"],
+            [
+                python,
+                "-I",
+                "-c",
+                "import interactive_features.runtime._editable_probe as m; print(m.VALUE)",
+            ],
             cwd=tmp_path,
         )
         check(probe.strip() == "42", f"module added to the source tree: {probe!r}")
@@ -178,11 +184,12 @@ def test_pip_install(tmp_path: Path, editable: bool) -> None:
                 f"{key} comes from {info[key]}, not from {info['purelib']}",
             )
         files = set(info["files"] or ())
-        check(bool(files), "importlib.metadata.files('interactive') is empty")
+        check(bool(files), "importlib.metadata.files('interactive-features') is empty")
         expected = {
-            "interactive/runtime/cli.py",
-            "interactive/export/graph.py",
-            "interactive/export/ALGORITHM.md",  # package data: the math ships with the code
+            "interactive_features/runtime/cli.py",
+            "interactive_features/export/graph.py",
+            # package data: the math ships with the code
+            "interactive_features/export/ALGORITHM.md",
         }
         for folder, package in PACKAGE_DIRS.items():
             for module in (REPO / folder).rglob("*.py"):

@@ -20,19 +20,18 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from interactive_features.export import exporter
+from interactive_features.export.exporter import ExportValidationError, export_engine
+from interactive_features.export.spec import random_state_dict
+from interactive_features.runtime import Extractor
+from interactive_features.runtime import weights as weights_module
+from interactive_features.runtime.backends import open_backend
+from interactive_features.runtime.backends.sessions import TELEMETRY_VARIABLE
+from interactive_features.runtime.cli import main as cli_main
+from interactive_features.runtime.index import read_index
+from interactive_features.runtime.locks import ENGINE_LOCK, LockedError, exclusive_lock
+from interactive_features.runtime.manifest import BadBucketError, EngineError, EngineManifest
 from PIL import Image
-
-from interactive.export import exporter
-from interactive.export.exporter import ExportValidationError, export_engine
-from interactive.export.spec import random_state_dict
-from interactive.runtime import Extractor
-from interactive.runtime import weights as weights_module
-from interactive.runtime.backends import open_backend
-from interactive.runtime.backends.sessions import TELEMETRY_VARIABLE
-from interactive.runtime.cli import main as cli_main
-from interactive.runtime.index import read_index
-from interactive.runtime.locks import ENGINE_LOCK, LockedError, exclusive_lock
-from interactive.runtime.manifest import BadBucketError, EngineError, EngineManifest
 
 from conftest import NARROW, narrow_request, photos
 
@@ -50,7 +49,7 @@ def cli_env(home: Path | None = None) -> dict[str, str]:
 
 
 def cli_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "interactive.runtime.cli", *args]
+    return [sys.executable, "-m", "interactive_features.runtime.cli", *args]
 
 
 def cli(*args: str, home: Path | None = None) -> subprocess.CompletedProcess:
@@ -191,7 +190,7 @@ def test_the_lock_names_its_holder_and_is_released(tmp_path: Path) -> None:
     with exclusive_lock(path, "thing"):
         assert f"pid {os.getpid()} on " in path.read_text()
         code = (
-            "import sys; from interactive.runtime.locks import exclusive_lock\n"
+            "import sys; from interactive_features.runtime.locks import exclusive_lock\n"
             f"with exclusive_lock({str(path)!r}, 'thing'): pass\n"
         )
         other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

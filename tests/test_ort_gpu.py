@@ -8,13 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from interactive.export.reference import reference_features
-from interactive.export.spec import PAPER_LAYERS, FeatureSpec
-from interactive.runtime import Extractor
-from interactive.runtime.backends import backend_status, open_backend
-from interactive.runtime.backends.ort import OrtBoundBackend, OrtCudaBackend, OrtTensorrtBackend
-from interactive.runtime.manifest import EngineError, EngineManifest
+from interactive_features.export.reference import reference_features
+from interactive_features.export.spec import PAPER_LAYERS, FeatureSpec
+from interactive_features.runtime import Extractor
+from interactive_features.runtime.backends import backend_status, open_backend
+from interactive_features.runtime.backends.ort import (
+    OrtBoundBackend,
+    OrtCudaBackend,
+    OrtTensorrtBackend,
+)
+from interactive_features.runtime.manifest import EngineError, EngineManifest
 
 from conftest import NARROW, assert_close
 
@@ -116,7 +119,7 @@ def test_fp32_promises_no_tf32(
     fp16 leaves it alone. The session itself is stubbed: no GPU here."""
     import os
 
-    from interactive.runtime.backends.ort import TF32_OVERRIDE, OrtBackend
+    from interactive_features.runtime.backends.ort import TF32_OVERRIDE, OrtBackend
 
     manifest = EngineManifest.load(narrow_engine)
     cuda = OrtCudaBackend(manifest)

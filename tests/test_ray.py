@@ -20,13 +20,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from interactive_features.runtime.cli import EXIT_PARTIAL, main
+from interactive_features.runtime.index import IndexJobError, IndexOptions, run_index, shard_files
+from interactive_features.runtime.index_local import LocalExecutor
+from interactive_features.runtime.parquet import layer_matrix
+from interactive_features.runtime.ray_index import RayExecutor
 from test_index import make_collection, read_output
-
-from interactive.runtime.cli import EXIT_PARTIAL, main
-from interactive.runtime.index import IndexJobError, IndexOptions, run_index, shard_files
-from interactive.runtime.index_local import LocalExecutor
-from interactive.runtime.parquet import layer_matrix
-from interactive.runtime.ray_index import RayExecutor
 
 ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")  # a dependency of ray
@@ -214,8 +213,8 @@ def test_actors_must_leave_a_cpu_for_decoding(
 
 def test_only_the_ray_path_imports_ray() -> None:
     code = (
-        "import sys, interactive.runtime.cli, interactive.runtime.index, "
-        "interactive.runtime.index_local, interactive.runtime.ray_index; "
+        "import sys, interactive_features.runtime.cli, interactive_features.runtime.index, "
+        "interactive_features.runtime.index_local, interactive_features.runtime.ray_index; "
         "print('ray' in sys.modules)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -14,15 +14,19 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-
-from interactive.runtime import Extractor
-from interactive.runtime import extract as extract_module
-from interactive.runtime import index as index_module
-from interactive.runtime.cli import EXIT_PARTIAL, EXIT_USAGE, main
-from interactive.runtime.extract import extract_to_parquet
-from interactive.runtime.index import IndexOptions, read_index, run_index, shard_files
-from interactive.runtime.index_local import LocalExecutor
-from interactive.runtime.parquet import STATUS_COLUMNS, layer_matrix, read_table, write_table
+from interactive_features.runtime import Extractor
+from interactive_features.runtime import extract as extract_module
+from interactive_features.runtime import index as index_module
+from interactive_features.runtime.cli import EXIT_PARTIAL, EXIT_USAGE, main
+from interactive_features.runtime.extract import extract_to_parquet
+from interactive_features.runtime.index import IndexOptions, read_index, run_index, shard_files
+from interactive_features.runtime.index_local import LocalExecutor
+from interactive_features.runtime.parquet import (
+    STATUS_COLUMNS,
+    layer_matrix,
+    read_table,
+    write_table,
+)
 
 import imagegen
 from conftest import photos
@@ -247,7 +251,7 @@ def test_iter_extract_is_lazy(narrow_engine: Path, images) -> None:
 
 
 def test_extract_output_checks_and_zero_images(narrow_engine: Path, tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "interactive.runtime.cli", "extract"]
+    command = [sys.executable, "-m", "interactive_features.runtime.cli", "extract"]
     command += ["--engine", str(narrow_engine), "-o", str(tmp_path / "out.csv"), str(photos()[0])]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == EXIT_USAGE, result.stderr

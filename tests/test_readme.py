@@ -23,16 +23,16 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from interactive.bench.settings import build_parser as bench_parser
-from interactive.runtime.cli import build_parser
+import tomllib
+from interactive_features.bench.settings import build_parser as bench_parser
+from interactive_features.runtime.cli import build_parser
 
 from conftest import photos
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 BIN = Path(sys.executable).parent
-PROGRAMS = {"interactive", "make", "python3", "ray", "."}
+PROGRAMS = {"interactive", "make", "pip", "python3", "ray", "."}
 # The commands run for real (all others are parsed), by the text they start with.
 SMOKE = (
     "interactive export --weights random:0 --width-div 8",
@@ -125,6 +125,29 @@ def test_make_targets_and_scripts_parse() -> None:
             module._parser().parse_args(words[2:])
 
 
+def test_pip_commands_name_this_project() -> None:
+    """Every `pip install` of the README names a pin the Makefile uses, this project (`.` or its
+    distribution name) with extras pyproject defines, or a package the README explains; never the
+    unrelated PyPI `interactive`."""
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        project = tomllib.load(f)["project"]
+    extras, makefile = set(project["optional-dependencies"]), (ROOT / "Makefile").read_text()
+    for command in shell_commands():
+        words = shlex.split(command)
+        if words[0] != "pip":
+            continue
+        assert words[1] == "install", command
+        for target in (w for w in words[2:] if not w.startswith("-")):
+            name, _, rest = target.partition("[")
+            if name in (".", project["name"]):
+                assert set(filter(None, rest.rstrip("]").split(","))) <= extras, command
+            elif "==" in name:
+                assert name in makefile, f"{command}: the Makefile pins another version"
+            else:
+                assert name not in ("interactive", "Interactive"), command
+                assert f"`{name}`" in README, f"{command}: {name} is not explained"
+
+
 def test_quickstart_and_index_commands_run(tmp_path: Path) -> None:
     """The Quickstart's smoke run exits 0 (every photo has its bucket), then the index commands
     run on that engine with the bundled photos as `photos/`."""
@@ -141,9 +164,9 @@ def test_quickstart_and_index_commands_run(tmp_path: Path) -> None:
         assert result.returncode == 0, (command, result.stderr.decode()[-2000:])
     assert (tmp_path / "smoke.parquet").is_file()
     # `make run`'s script on the same engine (its buckets are there: nothing is exported again).
-    quickstart = [sys.executable, "-m", "interactive.export.quickstart", "tests/data", "--out", "q",
-                  "--engine", "engines/smoke", "--weights", "random:0", "--width-div", "8",
-                  "--area", "256"]  # fmt: skip
+    quickstart = [sys.executable, "-m", "interactive_features.export.quickstart", "tests/data",
+                  "--out", "q", "--engine", "engines/smoke", "--weights", "random:0",
+                  "--width-div", "8", "--area", "256"]  # fmt: skip
     result = subprocess.run(quickstart, cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "RANDOM weights (random:0)" in result.stderr

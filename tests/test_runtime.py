@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from interactive.runtime import Extractor
-from interactive.runtime.backends import BucketCache
-from interactive.runtime.cli import main as cli_main
+from interactive_features.runtime import Extractor
+from interactive_features.runtime.backends import BucketCache
+from interactive_features.runtime.cli import main as cli_main
 
 import imagegen
 from conftest import photos
@@ -137,8 +136,8 @@ def test_bucket_cache_keeps_the_recent_and_discards_the_rest() -> None:
 def test_runtime_never_imports_torch(narrow_engine: Path) -> None:
     code = f"""
 import sys
-from interactive.runtime import Extractor
-from interactive.runtime.cli import main
+from interactive_features.runtime import Extractor
+from interactive_features.runtime.cli import main
 ex = Extractor.open({str(narrow_engine)!r})
 feats = ex.extract([{str(photos()[0])!r}])
 assert not feats.errors, feats.errors
@@ -154,8 +153,7 @@ def test_features_repr_arrow_and_pandas(narrow_engine: Path, tmp_path: Path) -> 
     """repr says N, failures and each layer's width; to_arrow/to_pandas hold the Parquet
     output's columns (interactive extract), `path` from the inputs' names."""
     import pyarrow.parquet as pq
-
-    from interactive.runtime.extract import extract_to_parquet
+    from interactive_features.runtime.extract import extract_to_parquet
 
     images = [str(p) for p in photos()[:2]] + [str(tmp_path / "missing.jpg")]
     with Extractor.open(narrow_engine) as ex:
@@ -182,7 +180,7 @@ def test_features_repr_arrow_and_pandas(narrow_engine: Path, tmp_path: Path) -> 
 
 
 def test_index_job_from_python(narrow_engine: Path, tmp_path: Path) -> None:
-    from interactive.runtime import index_job
+    from interactive_features.runtime import index_job
 
     source = tmp_path / "photos"
     source.mkdir()
@@ -197,7 +195,7 @@ def test_index_job_from_python(narrow_engine: Path, tmp_path: Path) -> None:
 def test_plain_progress_lines_have_total_and_eta() -> None:
     import time
 
-    from interactive.runtime.index_local import LiveProgress, format_duration
+    from interactive_features.runtime.index_local import LiveProgress, format_duration
 
     progress = LiveProgress(False, lambda: 100)
     for _ in range(100):

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from interactive.export import spec
-from interactive.export.spec import PAPER_LAYERS, FeatureSpec, load_state_dict, units
+from interactive_features.export import spec
+from interactive_features.export.spec import PAPER_LAYERS, FeatureSpec, load_state_dict, units
 
 
 def test_random_weights_are_deterministic_and_in_torchvision_layout() -> None:
@@ -76,8 +75,8 @@ def test_feature_spec_sizes() -> None:
 def test_a_failed_download_leaves_no_engine_directory(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from interactive.export.exporter import ExportRequest, export_engine
-    from interactive.runtime.settings import ExportSettings
+    from interactive_features.export.exporter import ExportRequest, export_engine
+    from interactive_features.runtime.settings import ExportSettings
 
     monkeypatch.setitem(spec.IMAGENET_URLS, "vgg16", "http://127.0.0.1:9/vgg16-397923af.pth")
     with pytest.raises(RuntimeError, match="could not download"):

@@ -15,33 +15,37 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
-from interactive.engines.tensorrt_build import (
+from interactive_features.engines.tensorrt_build import (
     BuildSettings,
     build_plans,
     scale_seed,
     write_tensorrt_graph,
 )
-from interactive.engines.tensorrt_plans import (
+from interactive_features.engines.tensorrt_plans import (
     build_command,
     plan_facts,
     plan_incompatibility,
     tensorrt_section,
 )
-from interactive.export.exporter import export_engine
-from interactive.export.reference import reference_features
-from interactive.export.spec import PAPER_LAYERS, FeatureSpec
-from interactive.runtime.backends import (
+from interactive_features.export.exporter import export_engine
+from interactive_features.export.reference import reference_features
+from interactive_features.export.spec import PAPER_LAYERS, FeatureSpec
+from interactive_features.runtime.backends import (
     available_backends,
     backend_status,
     engine_initializers,
     open_backend,
     ort_session,
 )
-from interactive.runtime.cli import build_parser
-from interactive.runtime.cli import main as cli_main
-from interactive.runtime.conformance import conformance_report, relative_error
-from interactive.runtime.manifest import EngineError, EngineManifest, is_heatmap, write_manifest
+from interactive_features.runtime.cli import build_parser
+from interactive_features.runtime.cli import main as cli_main
+from interactive_features.runtime.conformance import conformance_report, relative_error
+from interactive_features.runtime.manifest import (
+    EngineError,
+    EngineManifest,
+    is_heatmap,
+    write_manifest,
+)
 
 from conftest import NARROW, assert_close, narrow_request
 
@@ -186,9 +190,9 @@ def test_reduced_graphs_lower_the_convolutions_only(
 def test_reduced_weights_file_is_shared_and_verified(engine_copy: Path) -> None:
     """One weights.fp16.bin for every bucket, written once, 64 KiB-aligned, its sha256s in the
     manifest and checked; a flipped byte is refused and the next build rewrites the file."""
-    from interactive.engines.tensorrt_backend import verify_refit_sources
-    from interactive.engines.tensorrt_build import ALIGNMENT, bfloat16_bits
-    from interactive.engines.tensorrt_plans import file_sha256, verify_reduced_weights
+    from interactive_features.engines.tensorrt_backend import verify_refit_sources
+    from interactive_features.engines.tensorrt_build import ALIGNMENT, bfloat16_bits
+    from interactive_features.engines.tensorrt_plans import file_sha256, verify_reduced_weights
 
     manifest = EngineManifest.load(engine_copy)
     verify_refit_sources(manifest, "fp32")  # weights.bin only
@@ -259,7 +263,7 @@ def test_reduced_weights_file_is_shared_and_verified(engine_copy: Path) -> None:
 
 def test_bfloat16_bits_round_like_torch() -> None:
     """float32 -> bfloat16 by round to nearest even on the upper 16 bits, as torch converts."""
-    from interactive.engines.tensorrt_build import bfloat16_bits
+    from interactive_features.engines.tensorrt_build import bfloat16_bits
 
     rng = np.random.default_rng(7)
     values = np.concatenate([
@@ -327,7 +331,7 @@ def test_registry_skips_tensorrt_without_it(narrow_engine: Path) -> None:
 
 @pytest.mark.skipif(not NO_TENSORRT, reason="TensorRT is installed here")
 def test_self_check_records_why_it_could_not_run(engine_copy: Path) -> None:
-    from interactive.engines.tensorrt_build import self_check_plan
+    from interactive_features.engines.tensorrt_build import self_check_plan
 
     lines: list[str] = []
     record = self_check_plan(EngineManifest.load(engine_copy), (256, 256), "fp16", lines.append)
@@ -453,8 +457,8 @@ def test_plumbing_chunks_and_synchronises_every_batch() -> None:
     """_BucketPlan.run (pinned buffers, two streams, events, chunks through both slots) around a
     copying context on HostRuntime, whose copies run only when the host waits on an event: every
     output byte checked, every buffer freed; a collect that skips the wait reads stale bytes."""
-    from interactive.bench.cuda_plumbing import HostRuntime, exercise
-    from interactive.engines import tensorrt_backend
+    from interactive_features.bench.cuda_plumbing import HostRuntime, exercise
+    from interactive_features.engines import tensorrt_backend
 
     runtime = HostRuntime()
     report = exercise(runtime, batches=(1, 4, 9, 3))
@@ -475,14 +479,14 @@ def test_plumbing_chunks_and_synchronises_every_batch() -> None:
 
 @pytest.mark.parametrize("refuse", ["shape", "address"])
 def test_refused_shapes_and_addresses_are_errors(refuse: str) -> None:
-    from interactive.bench.cuda_plumbing import (
+    from interactive_features.bench.cuda_plumbing import (
         INPUT,
         ROWS,
         CopyContext,
         HostRuntime,
         runtime_in_use,
     )
-    from interactive.engines.tensorrt_backend import _BucketPlan
+    from interactive_features.engines.tensorrt_backend import _BucketPlan
 
     runtime = HostRuntime()
     with runtime_in_use(runtime), pytest.raises(EngineError, match="refused"):

@@ -13,23 +13,22 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
-
-from interactive.export.torch_backend import (
+from interactive_features.export.torch_backend import (
     TorchBackend,
     device_unavailable_reason,
     engine_tensors,
     inline_initializers,
 )
-from interactive.runtime import Extractor
-from interactive.runtime.backends import OrtBackend, backend_status, open_backend
-from interactive.runtime.conformance import conformance_report
-from interactive.runtime.manifest import (
+from interactive_features.runtime import Extractor
+from interactive_features.runtime.backends import OrtBackend, backend_status, open_backend
+from interactive_features.runtime.conformance import conformance_report
+from interactive_features.runtime.manifest import (
     EngineError,
     EngineManifest,
     MissingBucketError,
     write_manifest,
 )
+from onnx import numpy_helper
 
 from conftest import photos
 
@@ -226,7 +225,7 @@ def test_registry_reports_the_torch_backend(manifest: EngineManifest) -> None:
 
 def test_importing_the_module_imports_no_torch() -> None:
     code = (
-        "import sys, interactive.export.torch_backend\n"
+        "import sys, interactive_features.export.torch_backend\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -234,7 +233,7 @@ def test_importing_the_module_imports_no_torch() -> None:
 
 
 def test_compiled_batches_pad_to_a_power_of_two_then_multiples_of_eight() -> None:
-    from interactive.export.torch_backend import padded_rows
+    from interactive_features.export.torch_backend import padded_rows
 
     assert [padded_rows(n) for n in (1, 2, 3, 5, 8, 9, 17, 33, 64)] == [
         1, 2, 4, 8, 8, 16, 24, 40, 64
@@ -245,7 +244,7 @@ def test_compiled_batches_pad_to_a_power_of_two_then_multiples_of_eight() -> Non
 def test_fp32_math_turns_tf32_off_and_restores_it() -> None:
     """The flags are process-wide: set inside, the caller's values back afterwards (checked on
     the CPU build, whose torch has the same switches)."""
-    from interactive.export.torch_backend import fp32_math, set_tf32_flags, tf32_flags
+    from interactive_features.export.torch_backend import fp32_math, set_tf32_flags, tf32_flags
 
     before = tf32_flags()
     set_tf32_flags(dict.fromkeys(before, "tf32" if "precision" in next(iter(before)) else True))

@@ -7,11 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
-from interactive.export.exporter import export_engine
-from interactive.runtime import Extractor
-from interactive.runtime.viz import (
+from interactive_features.export.exporter import export_engine
+from interactive_features.runtime import Extractor
+from interactive_features.runtime.viz import (
     GAP,
     TITLE_HEIGHT,
     colormap,
@@ -20,6 +18,7 @@ from interactive.runtime.viz import (
     render_file,
     render_heatmaps,
 )
+from PIL import Image
 
 from conftest import narrow_request, photos
 

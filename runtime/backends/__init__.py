@@ -8,9 +8,9 @@
 | `ort`           | `OrtBackend` (`ort`), `OrtCudaBackend`, `OrtTensorrtBackend`            |
 | `loader`        | `backend_class`, `backend_status`, `available_backends`, `open_backend` |
 
-The names and classes of every backend are in interactive.runtime.registry; `torch` lives in
-interactive.export.torch_backend, `tensorrt` in interactive.engines.tensorrt_backend, each
-imported only when asked for.
+The names and classes of every backend are in runtime/registry.py; `torch` lives in
+export/torch_backend.py, `tensorrt` in engines/tensorrt_backend.py, each imported only when
+asked for.
 """
 
 from .base import OPTIONS, Backend, UnknownOption, check_device, cuda_index

@@ -44,7 +44,7 @@ def open_backend(manifest: EngineManifest, name: str = "auto", **options: Any) -
     An option the backend does not take is refused by name (UnknownOption, an EngineError), and
     a named backend that cannot run here raises EngineError saying what is missing.
     The engine's weights file is checked against the manifest's sha256 first, whatever the
-    backend (once per process and file: interactive.runtime.weights.verify_weights).
+    backend (once per process and file: interactive_features.runtime.weights.verify_weights).
     """
     verify_weights(manifest.weights_path, manifest.data["weights"]["tensors"])
     if name == "auto":

@@ -1,0 +1,129 @@
+"""Vectors from extracted features: the paper's post-processing, read shard by shard.
+
+The paper L2-normalises each layer's feature and concatenates the layers; this module does that
+(then normalises the concatenation, so that an inner product is a cosine) for the kNN index, the
+search and the evaluation, reading an index OUTDIR's ok shards (or one `extract` Parquet file)
+one file at a time so memory holds one shard's rows, never the collection. Rows without features
+(an `extract` file's failed rows) are skipped and counted; an OUTDIR's failed rows live in
+`_errors/` and are counted from there.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .api import l2_normalize
+from .index import ERRORS_DIR, shard_files
+from .index_sources import IndexJobError
+from .manifest import is_heatmap
+from .parquet import layer_matrix, parquet_file, read_table
+
+# The concatenated column that `--concat` writes.
+CONCAT_COLUMN = "features"
+
+
+@dataclass(frozen=True)
+class VectorBatch:
+    """One file's usable rows: ids (None for an `extract` file, which has no id column), display
+    paths, and float32 [N, D] vectors of unit L2 norm."""
+
+    ids: list[str] | None
+    paths: list[str]
+    vectors: np.ndarray
+
+
+def feature_files(source: str | os.PathLike[str]) -> list[Path]:
+    """The Parquet files holding features: an OUTDIR's ok shards in shard order, or the file."""
+    path = Path(source)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise IndexJobError(f"{source}: no such index directory or Parquet file")
+    files = [part for part in shard_files(path) if part.parent == path]
+    if not files:
+        raise IndexJobError(f"{source}: no feature shards (part-NNNNN.parquet) in it")
+    return files
+
+
+def feature_columns(source: str | os.PathLike[str]) -> list[str]:
+    """The feature columns of `source` (fixed-size float lists; not the heatmaps)."""
+    with open(feature_files(source)[0], "rb") as f:
+        schema = parquet_file(f).schema_arrow
+    return [
+        field.name
+        for field in schema
+        if pa.types.is_fixed_size_list(field.type) and not is_heatmap(field.name)
+    ]
+
+
+def vector_columns(
+    source: str | os.PathLike[str], layers: Sequence[str] | None = None
+) -> list[str]:
+    """The columns a vector is made of: `layers` as asked (each must be a feature column of
+    `source`), else the `--concat` column where there is one, else every layer column."""
+    available = feature_columns(source)
+    if layers:
+        unknown = [layer for layer in layers if layer not in available]
+        if unknown:
+            raise IndexJobError(
+                f"{source}: no feature column {', '.join(unknown)}; it has {', '.join(available)}"
+            )
+        return list(layers)
+    if CONCAT_COLUMN in available:
+        return [CONCAT_COLUMN]
+    if not available:
+        raise IndexJobError(f"{source}: no feature columns")
+    return available
+
+
+def table_vectors(table: pa.Table, columns: Sequence[str]) -> np.ndarray:
+    """float32 [N, D]: each column L2-normalised, side by side, the whole L2-normalised again.
+    `table` must have no null features (see `iter_vectors`)."""
+    parts = [l2_normalize(layer_matrix(table, column)) for column in columns]
+    joined = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+    return l2_normalize(joined).astype(np.float32, copy=False)
+
+
+def iter_vectors(
+    source: str | os.PathLike[str], columns: Sequence[str]
+) -> Iterator[tuple[VectorBatch, int]]:
+    """(one file's vectors, how many of its rows had no features), file by file."""
+    for part in feature_files(source):
+        table = read_table(part)
+        names = table.column_names
+        usable = pc.and_kleene(
+            pc.equal(table["status"], "ok") if "status" in names else pa.scalar(True),
+            _all_valid(table, columns),
+        )
+        usable = pc.fill_null(usable, False)
+        kept = table.filter(usable)
+        batch = VectorBatch(
+            ids=kept["id"].to_pylist() if "id" in names else None,
+            paths=kept["path"].to_pylist(),
+            vectors=table_vectors(kept, columns),
+        )
+        yield batch, table.num_rows - kept.num_rows
+
+
+def _all_valid(table: pa.Table, columns: Sequence[str]) -> pa.ChunkedArray:
+    valid = pc.is_valid(table[columns[0]])
+    for column in columns[1:]:
+        valid = pc.and_(valid, pc.is_valid(table[column]))
+    return valid
+
+
+def failed_rows(source: str | os.PathLike[str]) -> int:
+    """The failed rows an OUTDIR keeps in `_errors/` (0 for a single file: `iter_vectors`
+    counts those as it reads)."""
+    path = Path(source)
+    if path.is_file():
+        return 0
+    errors = [part for part in shard_files(path) if part.parent.name == ERRORS_DIR]
+    return sum(read_table(part, columns=["status"]).num_rows for part in errors)
