@@ -32,7 +32,9 @@ from conftest import photos
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 BIN = Path(sys.executable).parent
-PROGRAMS = {"interactive", "make", "pip", "python3", "ray", "."}
+# The autofaiss walkthrough's venv commands are run by tests/test_autofaiss.py.
+AUTOFAISS = ("autofaiss-venv/bin/pip", "autofaiss-venv/bin/autofaiss")
+PROGRAMS = {"interactive", "make", "pip", "python3", "ray", ".", *AUTOFAISS}
 # The commands run for real (all others are parsed), by the text they start with.
 SMOKE = (
     "interactive export --weights random:0 --width-div 8",
@@ -116,7 +118,7 @@ def test_make_targets_and_scripts_parse() -> None:
         if words[0] == "make":
             result = subprocess.run(["make", "-n", *words[1:]], cwd=ROOT, capture_output=True)
             assert result.returncode == 0, (command, result.stderr)
-        elif words[0] == "python3":
+        elif words[0] == "python3" and words[1] != "-m":  # `python3 -m venv`: test_autofaiss
             script = ROOT / words[1]
             spec = importlib.util.spec_from_file_location("readme_script", script)
             assert spec and spec.loader
