@@ -659,9 +659,10 @@ def _add_viz(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--panel-width", type=_at_least(16), default=256, help="pixels per panel")
     p.add_argument(
         "--scale", choices=VIZ_SCALES, default=VIZ_SCALE,
-        help="layer: each panel's own maximum is the top colour (the default: gamma-hat's size "
-        "differs ~10^4 between layers, pool-5 against conv-3-3, so one range leaves the conv "
-        "panels black); shared: one range over all panels of an image, so weak layers look weak",
+        help="layer: each panel's own maximum is its top colour; shared: one range over all "
+        "panels of an image, so weak layers look weak (default: layer, because gamma-hat's size "
+        "differs ~10^4 between layers, pool-5 against conv-3-3: one range leaves the conv "
+        "panels black)",
     )  # fmt: skip
     p.add_argument(
         "--alpha", type=_unit_interval, default=VIZ_ALPHA,
@@ -726,10 +727,10 @@ def _run_viz(args: argparse.Namespace) -> int:
     if engine is None and not index_heatmap_layers(args.index):
         engine = index_run(args.index).get("engine", {}).get("directory")
     with contextlib.ExitStack() as stack:
-        extractor = stack.enter_context(Extractor.open(engine)) if engine else None
+        rerun = stack.enter_context(Extractor.open(engine)) if engine else None
         report = render_index(
             args.index, args.output, style, layers=layers, limit=args.limit,
-            extractor=extractor, say=progress_line,
+            extractor=rerun, say=progress_line,
         )  # fmt: skip
     print(
         f"wrote {report.written} PNGs for {report.rows} rows of {args.index} into {args.output} "

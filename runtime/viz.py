@@ -76,17 +76,20 @@ DEFAULT_ALPHA = 0.55
 DEFAULT_COLORMAP = "inferno"
 COLORMAP_SOURCES = ("auto", "matplotlib", "builtin")
 
-# Matplotlib's colormaps sampled at 11 evenly spaced points (their published values); the
+# Matplotlib's colormaps sampled at 17 evenly spaced points (their published values); the
 # 256-entry table interpolates linearly between them. Both are perceptually ordered dark ->
 # bright, so the most active regions are the brightest.
 _BUILTIN_STOPS: dict[str, list[tuple[int, int, int]]] = {
     "inferno": [
-        (0, 0, 4), (22, 11, 57), (66, 10, 104), (106, 23, 110), (147, 38, 103), (188, 55, 84),
-        (221, 81, 58), (243, 120, 25), (252, 165, 10), (246, 215, 70), (252, 255, 164),
+        (0, 0, 4), (11, 7, 36), (33, 12, 74), (61, 9, 101), (87, 16, 110), (113, 25, 110),
+        (138, 34, 106), (163, 44, 97), (188, 55, 84), (210, 70, 68), (228, 90, 49),
+        (241, 115, 29), (249, 142, 9), (252, 172, 17), (249, 203, 53), (242, 234, 105),
+        (252, 255, 164),
     ],
     "viridis": [
-        (68, 1, 84), (72, 36, 117), (65, 68, 135), (53, 95, 141), (42, 120, 142),
-        (33, 145, 140), (34, 168, 132), (68, 191, 112), (122, 209, 81), (189, 223, 38),
+        (68, 1, 84), (72, 24, 106), (71, 45, 123), (66, 64, 134), (59, 82, 139), (51, 99, 141),
+        (44, 114, 142), (38, 130, 142), (33, 145, 140), (31, 160, 136), (40, 174, 128),
+        (63, 188, 115), (94, 201, 98), (132, 212, 75), (173, 220, 48), (216, 226, 25),
         (253, 231, 37),
     ],
     "gray": [(0, 0, 0), (255, 255, 255)],
@@ -610,6 +613,14 @@ def index_run(outdir: str | os.PathLike[str]) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+INDEX_NOTE = "maps from the index (block-averaged to <= 32 cells a side)"
+
+
+def _fixed_bucket(bucket: tuple[int, int]) -> Callable[[int, int], tuple[int, int]]:
+    """A bucket function giving `bucket` whatever the size (the row's recorded bucket)."""
+    return lambda width, height: bucket
+
+
 def render_index(
     outdir: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -656,8 +667,8 @@ def render_index(
         name = display_name(Path(row.shown).name)
         try:
             if stored:
-                pixels = prepare_image(row.path, lambda w, h, b=row.bucket: b).pixels
-                caption = Caption(name, row.bucket, export, "maps from the index (<= 32 px)")
+                pixels = prepare_image(row.path, _fixed_bucket(row.bucket)).pixels
+                caption = Caption(name, row.bucket, export, INDEX_NOTE)
                 figure = render_heatmaps(pixels, row.maps, style, caption)
             else:
                 assert extractor is not None
