@@ -707,6 +707,19 @@ def _check_viz(args: argparse.Namespace) -> None:
         raise UsageError("--limit goes with --index")
     if args.engine is not None:
         _check_engine_layers(args)
+    elif args.layers:  # against the index's heatmap columns (an unreadable index: exit 1 later)
+        from .viz import index_heatmap_layers
+
+        try:
+            stored = index_heatmap_layers(args.index)
+        except Exception:
+            return
+        unknown = [t for t in comma_list(args.layers) if stored and t not in stored]
+        if unknown:
+            raise UsageError(
+                f"--layers {', '.join(unknown)}: no heatmap column in {args.index} "
+                f"({', '.join(stored)})"
+            )
 
 
 def _run_viz(args: argparse.Namespace) -> int:

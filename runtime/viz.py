@@ -600,6 +600,18 @@ def index_rows(
             n += 1
 
 
+def index_row_count(outdir: str | os.PathLike[str]) -> int:
+    """The ok rows of an index (from the shards' footers, no data read)."""
+    from .parquet import parquet_file
+    from .vectors import feature_files
+
+    total = 0
+    for part in feature_files(outdir):
+        with open(part, "rb") as f:
+            total += parquet_file(f).metadata.num_rows
+    return total
+
+
 def index_run(outdir: str | os.PathLike[str]) -> dict[str, Any]:
     """The index's _manifest.json (what made it), or {} when it has none or it is unreadable."""
     import json
@@ -659,6 +671,9 @@ def render_index(
             f"{outdir} was indexed without --heatmaps; name a heatmaps engine (--engine) to "
             "compute the maps again"
         )
+    total = index_row_count(outdir)
+    total = total if limit is None else min(total, limit)
+    say(f"viz: {total} rows of {outdir}, maps from {report.source}")
     target = Path(out)
     target.mkdir(parents=True, exist_ok=True)
     last = time.monotonic()
@@ -681,5 +696,8 @@ def render_index(
         report.written += 1
         if time.monotonic() - last >= 2.0:
             last = time.monotonic()
-            say(f"viz: {report.rows} rows, {report.written} written, {len(report.failed)} failed")
+            say(
+                f"viz: {report.rows}/{total} rows, {report.written} written, "
+                f"{len(report.failed)} failed"
+            )
     return report

@@ -460,8 +460,10 @@ def test_batch_from_the_index_columns(
     assert len(names) == len(photos()) == len(ids)  # one PNG per row, nothing else
     for k, (row_id, path) in enumerate(zip(ids, paths, strict=True)):
         assert names[k] == f"{k:05d}-{row_id}-{Path(path).stem}.png"
-    line = capsys.readouterr().out
+    captured = capsys.readouterr()
+    line = captured.out
     assert f"wrote 5 PNGs for 5 rows of {heatmap_index}" in line and "heatmap columns" in line
+    assert captured.err.splitlines()[0].startswith(f"viz: 5 rows of {heatmap_index}, maps from")
     # Each figure: the row's bucket, image + pool-5 + fc-6 (the index's layers).
     buckets = rows["bucket"].to_pylist()
     for name, bucket in zip(names, buckets, strict=True):
@@ -498,6 +500,19 @@ def test_batch_through_the_engine_and_failed_rows(
     assert len(names) == 4 and not any("coffee" in n for n in names)
     with Image.open(out / names[0]) as f:  # astronaut_512 (256x256): image + conv-3-3
         assert f.size == output_size(256, 256, 1)
+
+
+def test_batch_unknown_layer_is_usage(
+    heatmap_index: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    with pytest.raises(SystemExit) as exit:
+        main(
+            ["viz", "--index", str(heatmap_index), "-o", str(tmp_path / "x"), "--layers", "pool-1"]
+        )
+    assert exit.value.code == EXIT_USAGE
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert line.startswith("interactive viz: error: --layers pool-1: no heatmap column in ")
+    assert "(pool-5, fc-6)" in line and not (tmp_path / "x").exists()
 
 
 def test_batch_errors(heatmap_index: Path, tmp_path: Path) -> None:
