@@ -670,8 +670,8 @@ def _add_viz(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument(
         "--colormap", type=_colormap_arg, default=VIZ_COLORMAP, metavar="NAME",
-        help="any matplotlib colormap when matplotlib is installed, else inferno, viridis, "
-        "gray (NAME_r reversed)",
+        help="inferno, viridis, gray (built in), or any other matplotlib colormap when "
+        "matplotlib is installed; NAME_r reversed",
     )  # fmt: skip
     p.set_defaults(check=_check_viz)
 

@@ -4,7 +4,8 @@ per layer, with a header, a scale and a colorbar.
 `render_heatmaps` turns an image and its per-layer maps into one figure; `render_file` runs an
 engine exported with `--heatmaps` on one image and saves that figure as a PNG; `render_index`
 does it for the rows of an `interactive index` OUTDIR. Only numpy and Pillow are needed
-(matplotlib, when installed, only supplies more colormaps); this module must never import torch.
+(matplotlib, when installed, only supplies colormaps beyond the built-in inferno, viridis
+and gray); this module must never import torch.
 
 What a panel shows: the layer's map divided by the scale's peak (`scale="layer"`: the map's own
 maximum; `"shared"`: the largest value of every map of the figure), clipped to [0, 1] (0 stays 0:
@@ -108,13 +109,15 @@ def _matplotlib_colormaps() -> Any | None:
         return None
 
 
+BUILTIN_COLORMAPS = [n + r for n in _BUILTIN_STOPS for r in ("", "_r")]
+
+
 def colormap_names(source: str = "auto") -> list[str]:
-    """The names `colormap` accepts from `source` ("auto": matplotlib's when it is installed,
-    else the built-in ones; "builtin": inferno, viridis, gray and their ``_r`` reverses)."""
+    """The names `colormap` accepts from `source` ("builtin": inferno, viridis, gray and their
+    ``_r`` reverses; "matplotlib": matplotlib's; "auto": both, matplotlib's if installed)."""
     registry = _registry(source)
-    if registry is None:
-        return [n + r for n in _BUILTIN_STOPS for r in ("", "_r")]
-    return sorted(registry)
+    builtin = [] if source == "matplotlib" else BUILTIN_COLORMAPS
+    return builtin + sorted(set(registry or ()) - set(builtin))
 
 
 def _registry(source: str) -> Any | None:
@@ -134,12 +137,16 @@ def _registry(source: str) -> Any | None:
 def colormap(name: str = DEFAULT_COLORMAP, source: str = "auto", entries: int = 256) -> np.ndarray:
     """uint8 [entries, 3]: the colour of value ``i / (entries - 1)`` in row i.
 
-    `source` "auto" takes the name from matplotlib when it is installed, else from the built-in
-    tables (inferno, viridis, gray, and ``NAME_r`` reversed); "builtin" forces the latter.
+    `source` "builtin": the built-in tables (inferno, viridis, gray: matplotlib's values sampled
+    at 17 points; ``NAME_r`` reversed); "matplotlib": matplotlib's own; "auto": the built-in
+    table when there is one, else matplotlib's when it is installed. (So the default never
+    imports matplotlib, which creates its config directory in the user's home on import.)
     Raises ColormapError naming some valid names for an unknown `name`.
     """
-    registry = _registry(source)
     x = np.linspace(0.0, 1.0, entries)
+    if source == "auto" and name in BUILTIN_COLORMAPS:
+        source = "builtin"
+    registry = _registry(source)
     if registry is not None:
         if name not in registry:
             raise ColormapError(_unknown_colormap(name, sorted(registry), "matplotlib's"))
@@ -148,7 +155,7 @@ def colormap(name: str = DEFAULT_COLORMAP, source: str = "auto", entries: int = 
         base, reverse = (name[:-2], True) if name.endswith("_r") else (name, False)
         if base not in _BUILTIN_STOPS:
             raise ColormapError(
-                _unknown_colormap(name, colormap_names("builtin"), "the built-in (no matplotlib)")
+                _unknown_colormap(name, BUILTIN_COLORMAPS, "the built-in (no matplotlib)")
             )
         stops = np.asarray(_BUILTIN_STOPS[base], dtype=np.float64)
         at = np.linspace(0.0, 1.0, len(stops))

@@ -86,8 +86,10 @@ def test_normalize_heatmap() -> None:
     np.testing.assert_allclose(normalize_heatmap(np.array([[5.0, 40.0]]), 20.0), [[0.25, 1.0]])
 
 
-@pytest.mark.parametrize("source", ["builtin", "auto"])
+@pytest.mark.parametrize("source", ["builtin", "matplotlib"])
 def test_colormaps_are_dark_to_bright(source: str) -> None:
+    if source == "matplotlib":
+        pytest.importorskip("matplotlib")
     for name in ("inferno", "viridis", "gray"):
         lut = colormap(name, source)
         assert lut.shape == (256, 3) and lut.dtype == np.uint8
@@ -111,10 +113,30 @@ def test_unknown_colormap_names_valid_ones() -> None:
     assert colormap_names("builtin") == [
         "inferno", "inferno_r", "viridis", "viridis_r", "gray", "gray_r"
     ]  # fmt: skip
+    np.testing.assert_array_equal(colormap("viridis"), colormap("viridis", "builtin"))  # auto
     pytest.importorskip("matplotlib")
-    assert colormap("magma").shape == (256, 3)
+    assert colormap("magma").shape == (256, 3)  # auto: matplotlib's, which has it
+    assert colormap_names()[:6] == colormap_names("builtin") and "magma" in colormap_names()
     with pytest.raises(ColormapError, match=r"unknown colormap 'nope'.*inferno, viridis, magma"):
         colormap("nope")
+
+
+def test_the_default_colormap_imports_no_matplotlib(tmp_path: Path) -> None:
+    """matplotlib writes its config directory into the home on import: the default figure
+    (built-in inferno) must not import it, nor write anything outside -o."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "from interactive_features.runtime.viz import Style, render_heatmaps\n"
+        "render_heatmaps(np.zeros((8, 8, 3), np.uint8), {'a': np.ones((2, 2))}, Style())\n"
+        "assert 'matplotlib' not in sys.modules\n"
+    )
+    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_style_checks() -> None:
