@@ -188,54 +188,107 @@ def append(path: Path, text: str) -> None:
         f.write("\n" + text)
 
 
+# Which latency percentiles a case's bar chart shows, by its sample count n: a percentile q is
+# drawn only when some sample lies above its rank (numpy's linear rank q/100 * (n - 1) is below
+# n - 2), i.e. n >= 100 / (100 - q) + 1: p90 from 11 samples, p99 from 101. With fewer samples it
+# is an interpolation between the two largest samples and says nothing that max does not. p50 is
+# always drawn, max from 2 samples (with one it is p50).
+LATENCY_BARS = ("p50", "p90", "p99", "max")
+
+
+def shown_percentiles(n: int) -> list[str]:
+    """The latency bars (of LATENCY_BARS) that differ from one another with `n` samples."""
+    shown = ["p50"] if n >= 1 else []
+    for q in (90, 99):
+        if n >= 100 / (100 - q) + 1:
+            shown.append(f"p{q}")
+    return shown + (["max"] if n >= 2 else [])
+
+
 def plots(run: dict[str, Any], out: Path, stem: str) -> list[Path]:
-    """Throughput vs batch size per case and bucket; latency percentiles per case."""
+    """Throughput vs batch size (a colour per case, a line style and marker per bucket, each
+    with its own legend) and latency per image (the bars of `shown_percentiles`, n per case)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ok = [c for c in run["cases"] if c.get("status") == "ok"]
-    series: dict[tuple[str, str, str, str], list[tuple[int, float]]] = {}
+    throughput = out / f"{stem}-throughput.png"
+    _throughput_plot(plt, ok, throughput)
+    latency = out / f"{stem}-latency.png"
+    _latency_plot(plt, ok, latency)
+    return [throughput, latency]
+
+
+def _throughput_plot(plt: Any, ok: list[dict[str, Any]], path: Path) -> None:
+    from matplotlib.lines import Line2D
+
+    series: dict[tuple[str, str], list[tuple[int, float]]] = {}
     for c in ok:
-        key = (label(c), c["mode"], bucket_text(c), c["precision"])
+        key = (f"{label(c)} {c['mode']} {c['precision']}", bucket_text(c))
         series.setdefault(key, []).append((c["batch"], c["stats"]["images_per_s"]))
-    # One colour per case, one line style per bucket: 16+ series stay tellable apart.
-    cases = sorted({key[0] for key in series})
-    buckets = sorted({key[2] for key in series})
+    # One colour per case, one line style + marker per bucket (20 distinct pairs): 16+ series
+    # stay tellable apart, and the bucket legend says which style is which bucket.
+    cases = sorted({case for case, _ in series})
+    buckets = sorted({bucket for _, bucket in series})
     colours = plt.get_cmap("tab10" if len(cases) <= 10 else "tab20").colors
-    styles = ["-", "--", ":", "-."]
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for key, points in sorted(series.items()):
+    styles, markers = ["-", "--", ":", "-."], ["o", "s", "^", "D", "v"]
+
+    def colour(case: str) -> Any:
+        return colours[cases.index(case) % len(colours)]
+
+    def style(bucket: str) -> dict[str, str]:
+        k = buckets.index(bucket)
+        return {"linestyle": styles[k % len(styles)], "marker": markers[k % len(markers)]}
+
+    fig, ax = plt.subplots(figsize=(10, 5))
+    for (case, bucket), points in sorted(series.items()):
         points.sort()
-        ax.plot(
-            [b for b, _ in points],
-            [v for _, v in points],
-            marker="o",
-            color=colours[cases.index(key[0]) % len(colours)],
-            linestyle=styles[buckets.index(key[2]) % len(styles)],
-            label=" ".join(key),
-        )
+        xs, ys = [b for b, _ in points], [v for _, v in points]
+        ax.plot(xs, ys, color=colour(case), **style(bucket))
     ax.set(xlabel="batch size", ylabel="images/s", title="Throughput vs batch size")
     ax.set_xticks(sorted({b for points in series.values() for b, _ in points}))
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    throughput = out / f"{stem}-throughput.png"
-    fig.savefig(throughput, dpi=100, bbox_inches="tight")
+    case_handles = [Line2D([], [], color=colour(c), linewidth=3) for c in cases]
+    legend = ax.legend(case_handles, cases, title="case (colour)", fontsize=7,
+                       loc="upper left", bbox_to_anchor=(1.01, 1.0))  # fmt: skip
+    ax.add_artist(legend)
+    bucket_handles = [Line2D([], [], color="0.3", **style(b)) for b in buckets]
+    second = ax.legend(bucket_handles, buckets, title="bucket (line, marker)", fontsize=7,
+                       handlelength=4, loc="lower left", bbox_to_anchor=(1.01, 0.0))  # fmt: skip
+    # Both legends inside the saved area (the first, re-added by hand, is not counted otherwise).
+    fig.savefig(path, dpi=100, bbox_inches="tight", bbox_extra_artists=[legend, second])
     plt.close(fig)
 
+
+def _latency_plot(plt: Any, ok: list[dict[str, Any]], path: Path) -> None:
+    from matplotlib.patches import Patch
+
     fig, ax = plt.subplots(figsize=(9, max(3, 0.35 * len(ok) + 1)))
-    names = [f"{label(c)} {c['mode']} {bucket_text(c)} b{c['batch']} {c['precision']}" for c in ok]
-    for offset, percentile in enumerate(("p50", "p90", "p99", "max")):
-        ys = [i + offset * 0.2 for i in range(len(ok))]
-        widths = [c["stats"]["image_s"][percentile] * 1000 for c in ok]
-        ax.barh(ys, widths, height=0.2, label=percentile)
-    ax.set_yticks([i + 0.3 for i in range(len(ok))], names, fontsize=7)
-    ax.set(xlabel="ms per image", title="Latency percentiles")
-    ax.legend()
-    latency = out / f"{stem}-latency.png"
-    fig.savefig(latency, dpi=100, bbox_inches="tight")
+    colours = dict(zip(LATENCY_BARS, plt.get_cmap("tab10").colors, strict=False))
+    names, ticks, drawn = [], [], set()
+    for i, c in enumerate(ok):
+        n = len(c.get("samples_s") or [])
+        names.append(
+            f"{label(c)} {c['mode']} {bucket_text(c)} b{c['batch']} {c['precision']} (n={n})"
+        )
+        shown = shown_percentiles(n)
+        height = 0.8 / max(1, len(shown))
+        for j, percentile in enumerate(shown):
+            ms = c["stats"]["image_s"][percentile] * 1000
+            ax.barh(i + j * height, ms, height=height, color=colours[percentile])
+        ticks.append(i + (len(shown) - 1) * height / 2)
+        drawn.update(shown)
+    ax.set_yticks(ticks, names, fontsize=7)
+    ax.set(
+        xlabel="ms per image",
+        title="Latency per image (p90 drawn from 11 samples, p99 from 101; n per case)",
+    )
+    order = [p for p in LATENCY_BARS if p in drawn]
+    if order:
+        ax.legend([Patch(color=colours[p]) for p in order], order, title="percentile")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
-    return [throughput, latency]
 
 
 def case_key(case: dict[str, Any]) -> tuple[Any, ...]:

@@ -621,17 +621,35 @@ def _run_index(args: argparse.Namespace) -> int:
     return EXIT_PARTIAL if report.errors else EXIT_OK
 
 
+# viz's defaults (runtime/viz.py holds the same; a test checks): written here so that building
+# the parser does not import numpy and Pillow for every command.
+VIZ_SCALES, VIZ_SCALE, VIZ_ALPHA, VIZ_COLORMAP = ("layer", "shared"), "layer", 0.55, "inferno"
+
+
 def _add_viz(sub: argparse._SubParsersAction) -> None:
     p = _command(
         sub,
         _run_viz,
         "viz",
-        help="draw an image's activeness heatmaps, one panel per layer, into a PNG",
-        description="Render gamma-hat (export/ALGORITHM.md section 5) over IMAGE for each layer; "
-        "the engine must have been exported with --heatmaps.",
+        help="draw activeness heatmaps over an image (or each row of an index) into PNGs",
+        description="Render gamma-hat (export/ALGORITHM.md section 5) over IMAGE for each layer, "
+        "one panel per layer, with a header (file, bucket, config, weights, scale) and a "
+        "colorbar; each map is drawn as blocks of its cells (nearest neighbour), its size and "
+        "maximum in the panel's title. IMAGE needs --engine, exported with --heatmaps. With "
+        "--index OUTDIR, -o is a directory and gets one PNG per ok row of the index, named "
+        "NNNNN-ID-STEM.png (the row's position among the ok rows in shard order, its id "
+        "column, the file's stem); the maps come from --engine when given (the image run "
+        "again, full resolution), else from the index's heatmap columns (index --heatmaps, "
+        "<= 32 px), else from the engine that made the index.",
     )
-    p.add_argument("image", type=Path, metavar="IMAGE")
-    _engine_options(p, "output .png")
+    p.add_argument("image", type=Path, nargs="?", metavar="IMAGE")
+    p.add_argument("--index", type=Path, metavar="OUTDIR", help="an index's rows instead of IMAGE")
+    p.add_argument("--engine", type=Path, help="engine directory (exported with --heatmaps)")
+    p.add_argument(
+        "-o", "--output", required=True, type=Path,
+        help="output .png (IMAGE), or directory (--index)",
+    )  # fmt: skip
+    p.add_argument("--limit", type=_at_least(1), help="with --index: the first N ok rows only")
     p.add_argument(
         "--layers", type=layers_arg, help="comma-separated subset of the engine's layers"
     )
@@ -639,21 +657,99 @@ def _add_viz(sub: argparse._SubParsersAction) -> None:
         "--columns", type=non_negative_int, default=0, help="panels per row (0: automatic)"
     )
     p.add_argument("--panel-width", type=_at_least(16), default=256, help="pixels per panel")
-    p.set_defaults(check=_check_engine_layers)
+    p.add_argument(
+        "--scale", choices=VIZ_SCALES, default=VIZ_SCALE,
+        help="layer: each panel's own maximum is its top colour; shared: one range over all "
+        "panels of an image, so weak layers look weak (default: layer, because gamma-hat's size "
+        "differs ~10^4 between layers, pool-5 against conv-3-3: one range leaves the conv "
+        "panels black)",
+    )  # fmt: skip
+    p.add_argument(
+        "--alpha", type=_unit_interval, default=VIZ_ALPHA,
+        help="overlay opacity: 0 the photo alone, 1 the colours alone",
+    )  # fmt: skip
+    p.add_argument(
+        "--colormap", type=_colormap_arg, default=VIZ_COLORMAP, metavar="NAME",
+        help="inferno, viridis, gray (built in), or any other matplotlib colormap when "
+        "matplotlib is installed; NAME_r reversed",
+    )  # fmt: skip
+    p.set_defaults(check=_check_viz)
+
+
+def _unit_interval(text: str) -> float:
+    """argparse `type=` for --alpha: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def _colormap_arg(text: str) -> str:
+    from .viz import ColormapError, colormap
+
+    try:
+        colormap(text)
+    except ColormapError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def _check_viz(args: argparse.Namespace) -> None:
+    """IMAGE xor --index; IMAGE needs --engine; --limit goes with --index."""
+    if (args.image is None) == (args.index is None):
+        raise UsageError("give either IMAGE or --index OUTDIR (one of them)")
+    if args.image is not None and args.engine is None:
+        raise UsageError("IMAGE needs --engine DIR (an engine exported with --heatmaps)")
+    if args.image is not None and args.limit is not None:
+        raise UsageError("--limit goes with --index")
+    if args.engine is not None:
+        _check_engine_layers(args)
+    elif args.layers:  # against the index's heatmap columns (an unreadable index: exit 1 later)
+        from .viz import index_heatmap_layers
+
+        try:
+            stored = index_heatmap_layers(args.index)
+        except Exception:
+            return
+        unknown = [t for t in comma_list(args.layers) if stored and t not in stored]
+        if unknown:
+            raise UsageError(
+                f"--layers {', '.join(unknown)}: no heatmap column in {args.index} "
+                f"({', '.join(stored)})"
+            )
 
 
 def _run_viz(args: argparse.Namespace) -> int:
     from .api import Extractor
-    from .viz import render_file
+    from .viz import Style, index_heatmap_layers, index_run, render_file, render_index
 
     layers = comma_list(args.layers) if args.layers else None
-    with Extractor.open(args.engine) as extractor:
-        path = render_file(
-            extractor, str(args.image), layers, args.output,
-            columns=args.columns, panel_width=args.panel_width,
+    style = Style(
+        columns=args.columns, panel_width=args.panel_width, alpha=args.alpha,
+        scale=args.scale, colormap=args.colormap,
+    )  # fmt: skip
+    if args.index is None:
+        with Extractor.open(args.engine) as extractor:
+            path = render_file(extractor, str(args.image), layers, args.output, style)
+        print(f"wrote {path}")
+        return EXIT_OK
+    engine = args.engine
+    if engine is None and not index_heatmap_layers(args.index):
+        engine = index_run(args.index).get("engine", {}).get("directory")
+    with contextlib.ExitStack() as stack:
+        rerun = stack.enter_context(Extractor.open(engine)) if engine else None
+        report = render_index(
+            args.index, args.output, style, layers=layers, limit=args.limit,
+            extractor=rerun, say=progress_line,
         )  # fmt: skip
-    print(f"wrote {path}")
-    return EXIT_OK
+    print(
+        f"wrote {report.written} PNGs for {report.rows} rows of {args.index} into {args.output} "
+        f"(maps from {report.source}); {len(report.failed)} failed"
+    )
+    return EXIT_PARTIAL if report.failed else EXIT_OK
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:

@@ -357,3 +357,28 @@ def test_reference_peer_runs_with_tf32_off_on_cuda(monkeypatch: pytest.MonkeyPat
     with peers.precision_scope("cpu", "fp32"):
         pass
     assert entered == [True]
+
+
+def test_latency_bars_need_samples_that_differ(tmp_path: Path) -> None:
+    """p90 from 11 samples, p99 from 101 (below that they interpolate the two largest), max
+    from 2; the plots of a run mixing such cases are written."""
+    from interactive_features.bench.report import plots, shown_percentiles
+    from interactive_features.bench.stats import percentiles
+
+    assert shown_percentiles(1) == ["p50"]
+    assert shown_percentiles(3) == shown_percentiles(10) == ["p50", "max"]
+    assert shown_percentiles(11) == shown_percentiles(100) == ["p50", "p90", "max"]
+    assert shown_percentiles(101) == ["p50", "p90", "p99", "max"]
+    for n in (10, 100):  # just below the rule: the percentile lies between the top two samples
+        samples = sorted(np.random.default_rng(n).random(n))
+        q = 90 if n == 10 else 99
+        assert samples[-2] <= percentiles(samples)[f"p{q}"] <= samples[-1]
+    cases = []
+    for k, n in enumerate((1, 3, 120)):
+        samples = list(np.random.default_rng(k).random(n) + 1.0)
+        stats = {"image_s": percentiles(samples), "images_per_s": 1.0 / np.mean(samples)}
+        cases.append({"status": "ok", "kind": "backend", "target": "ort", "variant": "full",
+                      "mode": "engine", "bucket": [256, 256 + 32 * k], "batch": 1 + k,
+                      "precision": "fp32", "samples_s": samples, "stats": stats})  # fmt: skip
+    for png in plots({"cases": cases}, tmp_path, "synthetic"):
+        assert png.read_bytes()[:8] == PNG_MAGIC
