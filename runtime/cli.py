@@ -689,7 +689,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-split", type=Path, metavar="FILE", help="write the split used (CSV)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("-o", "--output", type=Path, metavar="TABLE.csv", help="the table as CSV")
-    p.set_defaults(check=_check_eval_layers)
+    p.set_defaults(check=_check_eval)
 
 
 def _fraction(text: str) -> float:
@@ -702,9 +702,13 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _check_eval_layers(args: argparse.Namespace) -> None:
-    """--layers against each index's feature columns (one that cannot be read is left for the
-    command itself to report: exit 1)."""
+def _check_eval(args: argparse.Namespace) -> None:
+    """Outputs that are directories, and --layers against each index's feature columns (an
+    index that cannot be read is left for the command itself to report: exit 1), before the
+    work."""
+    for flag, path in (("-o", args.output), ("--save-split", args.save_split)):
+        if path is not None and path.is_dir():
+            raise UsageError(f"{flag} {path}: a directory (give a file name)")
     if not args.layers:
         return
     from .vectors import feature_columns
@@ -737,6 +741,10 @@ def _run_eval(args: argparse.Namespace) -> int:
     else:
         print(report.summary())
         print(report.format_table())
+    if report.unlabelled:
+        print(f"  {report.unlabelled} images without a label left out", file=sys.stderr)
+    if report.unsplit:
+        print(f"  {report.unsplit} labelled images not in {args.split} left out", file=sys.stderr)
     incomplete = False
     for engine in report.engines:
         if engine.missing or engine.failed:

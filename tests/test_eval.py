@@ -154,6 +154,7 @@ def test_split_file_and_label_column(
     seeded = evaluate(indexes, layers=["pool-1"])
     assert by_file.rows == seeded.rows and by_file.split == seeded.split
     assert by_file.split_from == {"file": str(split)}
+    assert by_file.unsplit == len(CLASSES) and seeded.unsplit == 0  # the file: common paths only
     assert by_file.rows[0]["pool-1"] == report.rows[0]["pool-1"]  # a layer alone: same SVM
     labelled = tmp_path / "labelled"
     labelled.mkdir()
@@ -235,6 +236,7 @@ def test_errors_are_one_line(
         [last, "--labels", "folder", "--seed", "1", "--split", str(bad_split)],
         [last, "--labels", "folder", "--layers", "pool-9"],
         [last, "--labels", "folder", "--layers", "conv-5-3"],  # a layer this index lacks
+        [last, "--labels", "folder", "-o", str(tmp_path)],  # a directory
     ]
     for argv in usage:
         with pytest.raises(SystemExit) as exit:
