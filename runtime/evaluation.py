@@ -5,7 +5,9 @@ collection, one row per engine.
 Input: one or more index OUTDIRs (or `extract` Parquet files) of the same images, one per engine
 (e.g. ORIG avg, `next`, `last`, p = 1 and 2). A row's class is the name of its path's parent
 folder (`labels="folder"`) or the value of a column of the rows (`labels="COLUMN"`, a column
-carried from the source). Rows are keyed by their `path` column (os.path.normpath of it), so
+carried from the source). Rows are keyed by their `path` column made absolute from the current
+directory (runtime/index.py `absolute_path`: run eval where the indexes were made when their
+paths are relative, or any where they are all relative or all absolute), so
 every engine gets the same split: it is made once over the labelled paths of all the indexes
 (stratified per class, fixed by a seed; or read from a split file), and the comparison uses the
 paths present in all of them; the paths some index lacks (failed there, or not indexed) are
@@ -42,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from .atomic import atomic_path, write_bytes
+from .index import absolute_path
 from .manifest import PACKAGE
 from .optional import optional_import
 from .parquet import parquet_file, read_table
@@ -260,7 +263,7 @@ def _read_index(source: str, labels: str, layers: Sequence[str] | None) -> _Inde
         table = read_table(part, columns=wanted)
         kept = usable_rows(table, columns)
         failed += table.num_rows - kept.num_rows
-        part_paths = [os.path.normpath(p) for p in kept["path"].to_pylist()]
+        part_paths = [absolute_path(p) for p in kept["path"].to_pylist()]
         paths += part_paths
         if labels == FOLDER:
             row_labels += [PurePath(p).parent.name or None for p in part_paths]
@@ -354,7 +357,7 @@ def _split_key(seed: int, path: str) -> bytes:
 def read_split(source: str | os.PathLike[str]) -> dict[str, str]:
     """A split file: CSV with a header naming a `path` and a `split` column (others ignored,
     e.g. `label`), `split` being train or test; paths as the indexes' `path` column holds them
-    (compared after os.path.normpath)."""
+    (compared after `absolute_path`, as the indexes' paths are)."""
     try:
         with open(source, newline="", encoding="utf-8", errors="surrogateescape") as f:
             reader = csv.DictReader(f)
@@ -366,7 +369,7 @@ def read_split(source: str | os.PathLike[str]) -> dict[str, str]:
                 )
             split: dict[str, str] = {}
             for line, row in enumerate(reader, start=2):
-                path, side = os.path.normpath(row["path"] or ""), (row["split"] or "").strip()
+                path, side = absolute_path(row["path"] or "."), (row["split"] or "").strip()
                 if side not in (TRAIN, TEST) or not row["path"]:
                     raise EvalError(
                         f"{source}, line {line}: expected a path and {TRAIN} or {TEST}, got "
@@ -397,7 +400,7 @@ def _check_split(labels: Mapping[str, str], split: Mapping[str, str], source: st
     for path, label in labels.items():
         counts[label][split[path]] += 1
     if len(counts) < 2:
-        raise EvalError(f"{len(counts)} class{'es' if len(counts) != 1 else ''}: need at least 2")
+        raise EvalError(f"only one class ({', '.join(map(repr, counts))}): need at least 2")
     for label, sides in sorted(counts.items()):
         if not sides[TEST] or sides[TRAIN] < MIN_TRAIN:
             raise EvalError(
@@ -512,12 +515,24 @@ def evaluate(
     present = set(assignment)
     for index in indexes:
         present &= set(index.paths)
+    if not present:
+        raise EvalError(_nothing_in_common(indexes, assignment))
     common = {p: all_labels[p] for p in sorted(present)}
     _check_split(common, assignment, where)
     chosen = {p: assignment[p] for p in common}
     results = [_evaluate_index(index, common, chosen, assignment, seed) for index in indexes]
     order = list(dict.fromkeys(layer for index in indexes for layer in index.layers))
     return EvalReport(results, order, common, chosen, split_from, unlabelled, unsplit)
+
+
+def _nothing_in_common(indexes: list[_Index], assignment: Mapping[str, str]) -> str:
+    if not assignment:
+        return "no labelled image is in the split file"
+    examples = "; ".join(f"{i.source} has {i.paths[0]}" for i in indexes if i.paths)
+    return (
+        "no labelled image is in every index (rows are matched by their path made absolute "
+        f"from the current directory): {examples}"
+    )
 
 
 def _evaluate_index(

@@ -171,6 +171,25 @@ def test_split_file_and_label_column(
     assert by_column.engines[0].name == "vgg16 last p=2"
 
 
+def test_a_concat_index_is_its_layers_concatenated(
+    collection: dict[Path, str], narrow_engine: Path, indexes: list[Path], tmp_path: Path
+) -> None:
+    """`index --normalize l2 --concat` stores the paper's vector: the same accuracy and mAP as
+    the concatenation eval makes of the layer columns; it has no layer cells. Two engines of one
+    name are told apart by their INDEX_DIR."""
+    root = next(iter(collection)).parent.parent
+    cat = tmp_path / "cat"
+    options = IndexOptions(batch_size=8, layers=LAYERS, normalize="l2", concat=True)
+    run_index(root, narrow_engine, cat, options, LocalExecutor(workers=0))
+    layers, joined = evaluate([indexes[0], cat]).rows
+    assert all(joined[t] is None for t in LAYERS) and joined["concat"] == layers["concat"]
+    assert joined["mAP"] == pytest.approx(layers["mAP"], abs=1e-9)
+    assert (layers["engine"], joined["engine"]) == (
+        f"vgg16 last p=2 ({indexes[0]})",
+        f"vgg16 last p=2 ({cat})",
+    )
+
+
 def test_mean_average_precision_against_scikit_learn() -> None:
     from sklearn.metrics import average_precision_score
 
