@@ -327,14 +327,16 @@ def _common_labels(indexes: list[_Index]) -> tuple[dict[str, str], int]:
 
 def seeded_split(labels: Mapping[str, str], test_fraction: float, seed: int) -> dict[str, str]:
     """path -> TRAIN or TEST: in each class, round(test_fraction * n) test rows (at least one),
-    the paths ordered by sha256(seed, path), so the same paths and seed give the same split on
-    any machine, and a path keeps its side when others come or go. Too few images in a class
-    for a test row and MIN_TRAIN training rows is an EvalError."""
+    the paths ordered by sha256(seed, the path relative to the paths' common folder), so the
+    same collection and seed give the same split on any machine and wherever the collection
+    lies. Too few images in a class for a test row and MIN_TRAIN training rows is an
+    EvalError."""
     if not 0 < test_fraction < 1:
         raise EvalError(f"the test fraction must be between 0 and 1, got {test_fraction}")
     by_class: dict[str, list[str]] = defaultdict(list)
     for path, label in labels.items():
         by_class[label].append(path)
+    root = os.path.commonpath(list(labels)) if len(labels) > 1 else ""
     split: dict[str, str] = {}
     for label, paths in sorted(by_class.items()):
         n_test = max(1, math.floor(test_fraction * len(paths) + 0.5))
@@ -344,7 +346,7 @@ def seeded_split(labels: Mapping[str, str], test_fraction: float, seed: int) -> 
                 f"fraction {test_fraction} (each class needs at least 1 test and {MIN_TRAIN} "
                 "training images)"
             )
-        ordered = sorted(paths, key=lambda p: _split_key(seed, p))
+        ordered = sorted(paths, key=lambda p: _split_key(seed, os.path.relpath(p, root or None)))
         split.update({p: TEST for p in ordered[:n_test]})
         split.update({p: TRAIN for p in ordered[n_test:]})
     return split
