@@ -6,9 +6,9 @@ Input: one or more index OUTDIRs (or `extract` Parquet files) of the same images
 (e.g. ORIG avg, `next`, `last`, p = 1 and 2). A row's class is the name of its path's parent
 folder (`labels="folder"`) or the value of a column of the rows (`labels="COLUMN"`, a column
 carried from the source). Rows are keyed by their `path` column made absolute from the current
-directory (runtime/index.py `absolute_path`: run eval where the indexes were made when their
-paths are relative, or any where they are all relative or all absolute), so
-every engine gets the same split: it is made once over the labelled paths of all the indexes
+directory (runtime/index.py `absolute_path`; relative paths meet absolute ones when eval runs
+where the indexes were made, and meet each other from anywhere), so every engine gets the same
+split: it is made once over the labelled paths of all the indexes
 (stratified per class, fixed by a seed; or read from a split file), and the comparison uses the
 paths present in all of them; the paths some index lacks (failed there, or not indexed) are
 reported.
@@ -22,7 +22,8 @@ rows)); ties go to the smaller C. Accuracy is the fraction of test rows classifi
 Retrieval: each test row queries the training rows by cosine similarity on the concatenation;
 mAP is the mean over queries of the average precision (the relevant rows: the query's class).
 
-Memory: every usable row's vectors of every engine (float32), as the SVM needs them at once.
+Memory: every usable row's vectors of every engine, each layer and the concatenation (twice the
+features' float32 size), as the SVM needs them at once.
 """
 
 from __future__ import annotations
