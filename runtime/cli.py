@@ -309,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_extract(sub)
     _add_index(sub)
     _add_viz(sub)
+    _add_eval(sub)
     _add_bench(sub)
     return parser
 
@@ -750,6 +751,107 @@ def _run_viz(args: argparse.Namespace) -> int:
         f"(maps from {report.source}); {len(report.failed)} failed"
     )
     return EXIT_PARTIAL if report.failed else EXIT_OK
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = _command(
+        sub,
+        _run_eval,
+        "eval",
+        help="classification accuracy (linear SVM) and retrieval mAP of indexes of one "
+        "labelled collection, one row per engine",
+        description="The paper's protocol on INDEX_DIRs of the same images (one per engine): a "
+        "one-vs-rest linear SVM on each L2-normalised layer and on their concatenation, C chosen "
+        "by cross-validation on the training images, accuracy on the test images; retrieval mAP "
+        "of the test images querying the training images by cosine similarity on the "
+        "concatenation. One split (keyed by path) for every engine, over the paths present in "
+        "all of them.",
+    )
+    p.add_argument("index_dirs", nargs="+", metavar="INDEX_DIR", help="index OUTDIRs")
+    p.add_argument(
+        "--labels", required=True, metavar="folder|COLUMN",
+        help="'folder': each image's parent folder name; else a column of the rows",
+    )  # fmt: skip
+    p.add_argument("--layers", type=layers_arg, help="comma-separated subset of the layers")
+    p.add_argument(
+        "--test-fraction", type=_fraction, default=0.3, help="per class, for the seeded split"
+    )
+    split = p.add_mutually_exclusive_group()
+    split.add_argument("--seed", type=non_negative_int, default=0, help="fixes the split")
+    split.add_argument(
+        "--split", type=Path, metavar="SPLIT_FILE",
+        help="CSV with path and split (train/test) columns, e.g. from --save-split",
+    )  # fmt: skip
+    p.add_argument("--save-split", type=Path, metavar="FILE", help="write the split used (CSV)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("-o", "--output", type=Path, metavar="TABLE.csv", help="the table as CSV")
+    p.set_defaults(check=_check_eval)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
+def _check_eval(args: argparse.Namespace) -> None:
+    """Outputs that are directories, and --layers against each index's feature columns (an
+    index that cannot be read is left for the command itself to report: exit 1), before the
+    work."""
+    for flag, path in (("-o", args.output), ("--save-split", args.save_split)):
+        if path is not None and path.is_dir():
+            raise UsageError(f"{flag} {path}: a directory (give a file name)")
+    if not args.layers:
+        return
+    from .vectors import feature_columns
+
+    for index in args.index_dirs:
+        try:
+            available = feature_columns(index)
+        except Exception:
+            continue
+        unknown = [t for t in comma_list(args.layers) if t not in available]
+        if unknown:
+            raise UsageError(
+                f"--layers {', '.join(unknown)}: not in {index} ({', '.join(available)})"
+            )
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate
+
+    report = evaluate(
+        args.index_dirs, args.labels, layers=comma_list(args.layers) if args.layers else None,
+        test_fraction=args.test_fraction, seed=args.seed, split=args.split,
+    )  # fmt: skip
+    if args.output:
+        report.write_csv(args.output)
+    if args.save_split:
+        report.write_split(args.save_split)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(report.summary())
+        print(report.format_table())
+    if report.unlabelled:
+        print(f"  {report.unlabelled} images without a label left out", file=sys.stderr)
+    if report.unsplit:
+        print(f"  {report.unsplit} labelled images not in {args.split} left out", file=sys.stderr)
+    incomplete = False
+    for engine in report.engines:
+        if engine.missing or engine.failed:
+            incomplete = True
+            shown = ", ".join(engine.missing[:3]) + (", ..." if len(engine.missing) > 3 else "")
+            print(
+                f"  {engine.name}: {engine.failed} failed rows, {len(engine.missing)} labelled "
+                f"images missing (left out of every row){': ' + shown if shown else ''}",
+                file=sys.stderr,
+            )
+    return EXIT_PARTIAL if incomplete else EXIT_OK
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:

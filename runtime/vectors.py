@@ -98,18 +98,23 @@ def iter_vectors(
     for part in feature_files(source):
         table = read_table(part)
         names = table.column_names
-        usable = pc.and_kleene(
-            pc.equal(table["status"], "ok") if "status" in names else pa.scalar(True),
-            _all_valid(table, columns),
-        )
-        usable = pc.fill_null(usable, False)
-        kept = table.filter(usable)
+        kept = usable_rows(table, columns)
         batch = VectorBatch(
             ids=kept["id"].to_pylist() if "id" in names else None,
             paths=kept["path"].to_pylist(),
             vectors=table_vectors(kept, columns),
         )
         yield batch, table.num_rows - kept.num_rows
+
+
+def usable_rows(table: pa.Table, columns: Sequence[str]) -> pa.Table:
+    """The rows of `table` whose status is ok (when it has a status column) and whose
+    `columns` are all non-null: the rows `table_vectors` can take."""
+    usable = pc.and_kleene(
+        pc.equal(table["status"], "ok") if "status" in table.column_names else pa.scalar(True),
+        _all_valid(table, columns),
+    )
+    return table.filter(pc.fill_null(usable, False))
 
 
 def _all_valid(table: pa.Table, columns: Sequence[str]) -> pa.ChunkedArray:
