@@ -1,0 +1,141 @@
+"""Remote inputs of `interactive index`: URLs read through fsspec (what img2dataset uses).
+
+Any protocol fsspec knows: `https://` and `http://` (aiohttp), `s3://` (s3fs), and `gs://`
+(gcsfs) or `hf://` (huggingface_hub) when those are installed. `pip install
+'interactive-features[remote]'` brings fsspec, s3fs and aiohttp; nothing imports fsspec until a
+URL is read (optional_import), so the runtime works without it.
+
+Every read is retried: RETRIES tries in all, waiting BACKOFF_S, then twice as long each time,
+except for an answer that will not change (no such object, access denied). Each try is bounded
+by TIMEOUT_S (connect and read; for HTTP the whole request). Credentials and endpoints are
+fsspec's and the protocol library's own: `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`... for S3,
+`FSSPEC_<PROTOCOL>_<OPTION>` environment variables for any filesystem option (fsspec's config).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any, BinaryIO, TypeVar
+
+from .optional import optional_import
+
+RETRIES = 3  # tries per read, in all
+BACKOFF_S = 0.5  # wait before the second try; doubled before each later one
+TIMEOUT_S = 30.0  # per try: connect and read
+URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+T = TypeVar("T")
+
+
+class FetchError(OSError):
+    """A remote read that failed for good; ``str()`` names the URL and the error."""
+
+
+def is_url(name: str) -> bool:
+    """Whether `name` is a URL (`scheme://...`) rather than a local path."""
+    return bool(URL.match(name))
+
+
+def fsspec_module() -> Any:
+    return optional_import(
+        "fsspec", "remote inputs (URLs) need fsspec", "pip install 'interactive-features[remote]'"
+    )
+
+
+def _storage_options(protocol: str) -> dict[str, Any]:
+    """Timeouts per protocol (the library's own retries off: ours are the ones that count)."""
+    if protocol in ("http", "https"):
+        aiohttp = optional_import(
+            "aiohttp", "http(s) inputs need aiohttp", "pip install 'interactive-features[remote]'"
+        )
+        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=TIMEOUT_S)}}
+    if protocol in ("s3", "s3a"):
+        return {
+            "config_kwargs": {
+                "connect_timeout": TIMEOUT_S,
+                "read_timeout": TIMEOUT_S,
+                "retries": {"max_attempts": 1},
+            },
+            "retries": 1,
+        }
+    return {}
+
+
+@lru_cache(maxsize=16)
+def _filesystem(protocol: str, pid: int) -> Any:
+    fsspec = fsspec_module()
+    try:
+        return fsspec.filesystem(protocol, **_storage_options(protocol))
+    except (ImportError, ValueError) as err:  # a protocol whose library is not installed
+        raise FetchError(f"{protocol}:// inputs: {err}") from None
+
+
+def filesystem(url: str) -> tuple[Any, str]:
+    """(the fsspec filesystem of `url`, the path within it); one instance per protocol and
+    process (fsspec's async filesystems must not cross a fork: workers make their own)."""
+    protocol = url.split("://", 1)[0].lower()
+    return _filesystem(protocol, os.getpid()), url
+
+
+def _final(err: BaseException) -> bool:
+    """An error a retry cannot fix."""
+    return isinstance(err, FileNotFoundError | PermissionError | IsADirectoryError)
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, FileNotFoundError):
+        return "not found (404 / no such key)"
+    if isinstance(err, PermissionError):
+        return f"access denied: {err}"
+    text = str(err) or type(err).__name__
+    return f"{type(err).__name__}: {text}" if type(err).__name__ not in text else text
+
+
+def with_retries(url: str, what: Callable[[], T], sleep: Callable[[float], None] = time.sleep) -> T:
+    """`what()`, tried up to RETRIES times; FetchError naming `url` and the last error."""
+    wait = BACKOFF_S
+    for attempt in range(1, RETRIES + 1):
+        try:
+            return what()
+        except Exception as err:  # any library's error: each is this URL's failure
+            if _final(err) or attempt == RETRIES:
+                tries = "" if _final(err) else f" after {attempt} tries"
+                raise FetchError(f"{url}: fetch failed{tries}: {_reason(err)}") from None
+        sleep(wait)
+        wait *= 2
+    raise AssertionError("unreachable")
+
+
+def read_range(url: str, start: int = 0, size: int = -1) -> bytes:
+    """The bytes [start, start + size) of the object at `url` (size -1: to its end)."""
+    fs, path = filesystem(url)
+    end = None if size < 0 else start + size
+
+    def fetch() -> bytes:
+        data = bytes(fs.cat_file(path, start=start or None, end=end))
+        if end is not None and len(data) > end - start and start:
+            # a server that ignores Range sends the whole object: keep the asked-for bytes
+            data = data[start:end]
+        return data
+
+    return with_retries(url, fetch)
+
+
+def open_url(url: str, mode: str = "rb", **kwargs: Any) -> BinaryIO:
+    """An open (random-access where the server allows) file on `url`, opened with retries."""
+    fs, path = filesystem(url)
+    return with_retries(url, lambda: fs.open(path, mode, **kwargs))
+
+
+def object_info(url: str) -> dict[str, Any]:
+    """fsspec's `info` of `url` (size, ETag, ...), with retries."""
+    fs, path = filesystem(url)
+    return with_retries(url, lambda: fs.info(path))
+
+
+def join_url(folder: str, entry: str) -> str:
+    """`entry` (relative, POSIX separators) under the URL folder `folder`."""
+    return folder.rstrip("/") + "/" + entry
