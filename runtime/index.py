@@ -159,6 +159,15 @@ def _key_number(key: str) -> int:
     return int.from_bytes(hashlib.sha1(data).digest()[:8], "big")
 
 
+def input_number(item: Input) -> int:
+    """The id of an Input: of its key, and of its carried values when it has any (so that the
+    output follows SOURCE: a changed value, a tar sample's new caption, is a new input)."""
+    if not item.extras:
+        return _key_number(item.key)
+    values = json.dumps(item.extras, default=repr, ensure_ascii=True)
+    return _key_number(f"{item.key}\0{values}")
+
+
 def hex_id(number: int) -> str:
     """An id as the `id` column writes it: 16 hex digits."""
     return f"{number:016x}"
@@ -538,7 +547,7 @@ def plan_index(
     listed, positions, tables = [], [], []
     offset = 0
     for chunk in chunks(limited(source.inputs(), options.limit), LIST_CHUNK):
-        ids = np.fromiter((_key_number(i.key) for i in chunk), np.uint64, len(chunk))
+        ids = np.fromiter((input_number(i) for i in chunk), np.uint64, len(chunk))
         todo = np.flatnonzero(~_member(ids, keep))
         listed.append(ids)
         positions.append(todo + offset)

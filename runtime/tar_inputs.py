@@ -34,6 +34,7 @@ from .remote import FetchError, is_url, open_url
 TAR_SUFFIXES = (".tar",)
 # The sample fields carried into the rows, as WebDataset names them, and their column types.
 FIELDS = (pa.field("json", pa.string()), pa.field("cls", pa.int64()), pa.field("txt", pa.string()))
+FIELD_NAMES = frozenset(f.name for f in FIELDS)
 FIELD_BYTES = 16 * 2**20  # a metadata member larger than this is an error, not read
 _COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
 
@@ -88,26 +89,24 @@ def tar_inputs(tar: str, label: str, base: str, extras: tuple[Any, ...] = ()) ->
     if problem is not None:
         yield _tar_error(label, base, f"{display_name(label)}: {problem}", extras)
         return
-    listed = 0
+    sample: list[tuple[tarfile.TarInfo, Any]] = []  # a sample's members, their field values
+    members, failure, trailing = 0, None, False
     try:
         with _open(tar) as f, tarfile.open(fileobj=f, mode="r:", errors="surrogateescape") as tf:
-            sample: list[tarfile.TarInfo] = []
             for member in _members(tf):
-                if sample and split_key(member.name)[0] != split_key(sample[0].name)[0]:
-                    yield from _sample_inputs(tf, sample, label, base, tar, extras)
-                    listed += len(sample)
+                if sample and split_key(member.name)[0] != split_key(sample[0][0].name)[0]:
+                    yield from _sample_inputs(sample, label, base, tar, extras)
                     sample = []
-                sample.append(member)
-            yield from _sample_inputs(tf, sample, label, base, tar, extras)
-            listed += len(sample)
+                sample.append((member, _field_value(tf, member)))
+                members += 1
             trailing = _garbage_after(f, tf.offset)
     except (tarfile.TarError, OSError, FetchError, EOFError) as err:
-        reason = f"corrupt or truncated tar after {listed} members: {err}"
-        yield _tar_error(label, base, f"{display_name(label)}: {reason}", extras)
-        return
+        failure = f"corrupt or truncated tar after {members} members: {err}"
+    yield from _sample_inputs(sample, label, base, tar, extras)  # those listed before a failure
     if trailing:
-        reason = f"not a tar header at byte {tf.offset}: the members after it are not indexed"
-        yield _tar_error(label, base, f"{display_name(label)}: {reason}", extras)
+        failure = f"not a tar header after {members} members: the members after it are not indexed"
+    if failure is not None:
+        yield _tar_error(label, base, f"{display_name(label)}: {failure}", extras)
 
 
 def _members(tf: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
@@ -133,9 +132,22 @@ def _member_key(base: str, member: tarfile.TarInfo) -> str:
     return f"tar\0{base}\0{member.name}\0{member.offset_data}\0{member.size}\0{member.chksum}"
 
 
+_NOT_A_FIELD = object()
+
+
+def _field_value(tf: tarfile.TarFile, member: tarfile.TarInfo) -> Any:
+    """A metadata member's value (a ValueError when it is bad); _NOT_A_FIELD for the others."""
+    extension = split_key(member.name)[1]
+    if extension not in FIELD_NAMES or not member.isreg():
+        return _NOT_A_FIELD
+    try:
+        return _field(tf, member, extension)
+    except ValueError as err:
+        return err
+
+
 def _sample_inputs(
-    tf: tarfile.TarFile,
-    sample: list[tarfile.TarInfo],
+    sample: list[tuple[tarfile.TarInfo, Any]],
     label: str,
     base: str,
     tar: str,
@@ -143,15 +155,13 @@ def _sample_inputs(
 ) -> Iterator[Input]:
     fields: dict[str, Any] = {}
     problem = None
-    for member in sample:
-        extension = split_key(member.name)[1]
-        if extension in ("json", "cls", "txt") and member.isreg():
-            try:
-                fields[extension] = _field(tf, member, extension)
-            except ValueError as err:
-                problem = f"{display_name(member.name)}: {err}"
+    for member, value in sample:
+        if isinstance(value, ValueError):
+            problem = f"{display_name(member.name)}: {value}"
+        elif value is not _NOT_A_FIELD:
+            fields[split_key(member.name)[1]] = value
     values = extras + tuple(fields.get(f.name) for f in FIELDS)
-    for member in sample:
+    for member, _ in sample:
         if os.path.splitext(member.name)[1].lower() not in IMAGE_SUFFIXES:
             continue
         path = f"{label}/{member.name}"

@@ -69,6 +69,19 @@ def test_parquet_columns_keep_their_types_in_ok_and_error_rows(
     # A rerun with the same columns resumes: nothing is read again.
     again = run_index(listing / "list.parquet", narrow_engine, out, options, INLINE)
     assert (again.processed, again.images) == (0, 5)
+    # A changed value is a changed input (the output follows SOURCE): only its row is redone.
+    changed = pq.read_table(listing / "list.parquet")
+    labels = changed["label"].to_pylist()
+    changed = changed.set_column(2, "label", pa.array([30, *labels[1:]], pa.int64()))
+    pq.write_table(changed, tmp_path / "changed.parquet")
+    (listing / "list.parquet").replace(listing / "saved.parquet")
+    (tmp_path / "changed.parquet").replace(listing / "list.parquet")
+    try:
+        redone = run_index(listing / "list.parquet", narrow_engine, out, options, INLINE)
+    finally:
+        (listing / "saved.parquet").replace(listing / "list.parquet")
+    assert (redone.processed, redone.new, redone.gone, redone.images) == (1, 1, 1, 5)
+    assert by_path(read_index(out))["p0.jpg"]["label"] == 30
     # Other columns shape other rows: refused like any other row option.
     with pytest.raises(IndexJobError, match="columns"):
         other = IndexOptions(path_column="file", columns=["label"], shard_size=3)
