@@ -45,7 +45,7 @@ import pyarrow as pa
 from .inputs import IMAGE_SUFFIXES, Input, Where
 from .parquet import parquet_file
 from .paths import display_name
-from .remote import FetchError, is_url, open_url
+from .remote import FetchError, fsspec_module, is_url, open_url
 from .tar_inputs import FIELDS, check_tar, is_tar, tar_inputs
 
 __all__ = [
@@ -292,6 +292,7 @@ def _entry_inputs(
         return
     values = extras + (None,) * sample_fields
     if is_url(entry):
+        fsspec_module()  # missing: the job's one error, not a failed row per URL
         yield Input(entry, entry, where=Where(entry), extras=values)
     else:
         yield Input(entry, absolute_path(entry), extras=values)

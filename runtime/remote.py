@@ -5,9 +5,12 @@ Any protocol fsspec knows: `https://` and `http://` (aiohttp), `s3://` (s3fs), a
 'interactive-features[remote]'` brings fsspec, s3fs and aiohttp; nothing imports fsspec until a
 URL is read (optional_import), so the runtime works without it.
 
-Every read is retried: RETRIES tries in all, waiting BACKOFF_S, then twice as long each time,
-except for an answer that will not change (no such object, access denied). Each try is bounded
-by TIMEOUT_S (connect and read; for HTTP the whole request). Credentials and endpoints are
+Every read is retried: RETRIES tries in all (3), waiting BACKOFF_S (0.5 s), then twice as long
+each time, except for an answer that will not change (no such object, access denied). Each try
+is bounded by TIMEOUT_S (30 s: connect and read; for HTTP the whole request). The environment
+variables INTERACTIVE_REMOTE_RETRIES, INTERACTIVE_REMOTE_BACKOFF_S and
+INTERACTIVE_REMOTE_TIMEOUT_S change them (read when a process first reads a URL; decoding
+workers inherit them). Credentials and endpoints are
 fsspec's and the protocol library's own: `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`... for S3,
 `FSSPEC_<PROTOCOL>_<OPTION>` environment variables for any filesystem option (fsspec's config).
 """
@@ -26,6 +29,7 @@ from .optional import optional_import
 RETRIES = 3  # tries per read, in all
 BACKOFF_S = 0.5  # wait before the second try; doubled before each later one
 TIMEOUT_S = 30.0  # per try: connect and read
+ENV = "INTERACTIVE_REMOTE_"  # + RETRIES, BACKOFF_S, TIMEOUT_S
 URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 T = TypeVar("T")
 
@@ -45,21 +49,37 @@ def fsspec_module() -> Any:
     )
 
 
+def setting(name: str) -> float:
+    """RETRIES, BACKOFF_S or TIMEOUT_S, from the environment when set there (a clear error for
+    a value that is not a positive number)."""
+    default = {"RETRIES": RETRIES, "BACKOFF_S": BACKOFF_S, "TIMEOUT_S": TIMEOUT_S}[name]
+    text = os.environ.get(ENV + name)
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value < 0 or (name == "RETRIES" and (value < 1 or value != int(value))):
+        raise ValueError(f"{ENV}{name}={text!r}: not a valid value (default {default})")
+    return value
+
+
 def _storage_options(protocol: str) -> dict[str, Any]:
     """Timeouts per protocol (the library's own retries off: ours are the ones that count)."""
+    timeout = setting("TIMEOUT_S")
     if protocol in ("http", "https"):
         aiohttp = optional_import(
             "aiohttp", "http(s) inputs need aiohttp", "pip install 'interactive-features[remote]'"
         )
-        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=TIMEOUT_S)}}
+        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=timeout)}}
     if protocol in ("s3", "s3a"):
         return {
             "config_kwargs": {
-                "connect_timeout": TIMEOUT_S,
-                "read_timeout": TIMEOUT_S,
+                "connect_timeout": timeout,
+                "read_timeout": timeout,
                 "retries": {"max_attempts": 1},
             },
-            "retries": 1,
         }
     return {}
 
@@ -68,7 +88,8 @@ def _storage_options(protocol: str) -> dict[str, Any]:
 def _filesystem(protocol: str, pid: int) -> Any:
     fsspec = fsspec_module()
     try:
-        return fsspec.filesystem(protocol, **_storage_options(protocol))
+        # our cache (per process), not fsspec's: a fork must not reuse the parent's instance
+        return fsspec.filesystem(protocol, skip_instance_cache=True, **_storage_options(protocol))
     except (ImportError, ValueError) as err:  # a protocol whose library is not installed
         raise FetchError(f"{protocol}:// inputs: {err}") from None
 
@@ -96,14 +117,14 @@ def _reason(err: BaseException) -> str:
 
 def with_retries(url: str, what: Callable[[], T], sleep: Callable[[float], None] = time.sleep) -> T:
     """`what()`, tried up to RETRIES times; FetchError naming `url` and the last error."""
-    wait = BACKOFF_S
-    for attempt in range(1, RETRIES + 1):
+    wait, tries = setting("BACKOFF_S"), int(setting("RETRIES"))
+    for attempt in range(1, tries + 1):
         try:
             return what()
         except Exception as err:  # any library's error: each is this URL's failure
-            if _final(err) or attempt == RETRIES:
-                tries = "" if _final(err) else f" after {attempt} tries"
-                raise FetchError(f"{url}: fetch failed{tries}: {_reason(err)}") from None
+            if _final(err) or attempt == tries:
+                after = "" if _final(err) else f" after {attempt} tries"
+                raise FetchError(f"{url}: fetch failed{after}: {_reason(err)}") from None
         sleep(wait)
         wait *= 2
     raise AssertionError("unreachable")
