@@ -11,6 +11,11 @@ distinct input (by id), whatever changed between runs. The shard files are the c
 - **Done set**: the `id` and `status` columns of both kinds of shard file on disk (each written
   under a temporary name and renamed when whole, so a file on disk is complete). The two files
   of a shard need not both be there: a crash between them leaves the other's inputs pending.
+- **Ids**: an input's id is the first 16 hex digits of the SHA-1 of its key (Input.key): a local
+  file's normalised absolute path, a URL as written, a tar member's tar identity + name + data
+  offset + size + header checksum (runtime/tar_inputs.py); plus, when SOURCE carries columns
+  (`--columns`, a tar sample's json/cls/txt), the carried values, so a changed value is a changed
+  input (`input_number`).
 - **Plan**: SOURCE (runtime/index_sources.py) is listed once, in its stable order. An input whose
   id is done is skipped without reading its image; the others (new, or left by an interrupted
   run) are pending, cut in SOURCE order into shards of `shard_size`, numbered with the smallest
@@ -30,8 +35,9 @@ pending shards' inputs into output rows (`shard_rows`): `LocalExecutor` (runtime
 decoding processes on this machine) or `RayExecutor` (runtime/ray_index.py, a Ray cluster).
 
 Memory: the plan holds 8 bytes per listed input and 12 per row on disk (numpy, plus sorting
-temporaries of the same order) and the pending inputs' paths (their bytes + 8); never pixels or
-rows: about 40 MB per million inputs plus the paths still to do.
+temporaries of the same order) and the pending inputs' PENDING row (path bytes + about 50, plus a
+URL or tar name and the carried values when there are); never pixels or rows: about 40 MB per
+million inputs plus the inputs still to do.
 """
 
 from __future__ import annotations

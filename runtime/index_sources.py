@@ -122,7 +122,10 @@ def open_source(
             _no_columns(columns, spelled)
             return Source(spelled, [], lambda: _walk_images(path), {"files"})
         if not path.is_file():
-            raise IndexJobError(f"SOURCE {spelled!r} does not exist")
+            hint = ""
+            if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/[^/]", spelled):  # Path("s3://b") is s3:/b
+                hint = " (a URL whose // was folded? pass a URL as str, not Path)"
+            raise IndexJobError(f"SOURCE {spelled!r} does not exist{hint}")
     return _list_source(spelled, path_column, columns)
 
 
@@ -337,6 +340,8 @@ def _csv_entries(
 def _text_entries(name: str) -> Iterator[str]:
     with _opened(name) as f:
         for line in io.TextIOWrapper(f, ENCODING, ERRORS):
+            if "\0" in line:  # an archive or image given as SOURCE, not a list of names
+                raise IndexJobError(f"SOURCE {display_name(name)!r}: binary data, not a text list")
             if line.strip() and not line.startswith("#"):
                 yield line.rstrip("\n")
 

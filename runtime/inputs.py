@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 from .remote import FetchError, is_url, read_range
 
 BLOCK = tarfile.BLOCKSIZE  # 512: a tar header block
+MAX_MEMBER_BYTES = 1 << 30  # a tar member read whole into memory: larger ones are error rows
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".avif", ".heic", ".heif"}
 )
@@ -65,6 +66,8 @@ def read_where(where: Where) -> bytes:
     not the one listed (the tar changed) or the data is cut short (a truncated tar)."""
     if where.header is None:
         return _read(where.url, where.offset, where.size)
+    if where.size > MAX_MEMBER_BYTES:  # a header can claim any size: never read that much
+        raise OSError(f"a tar member of {where.size} bytes, more than {MAX_MEMBER_BYTES}: not read")
     data = _read(where.url, where.offset - BLOCK, BLOCK + where.size)
     header, body = data[:BLOCK], data[BLOCK:]
     if len(header) < BLOCK or _checksum_field(header) != where.header:

@@ -4,7 +4,9 @@ Ray Data runs the two heavy stages: decoding and resizing in CPU tasks (`map_bat
 of paths), extraction in a pool of actors (`map_batches` with a callable class that opens the
 engine once; one GPU each when the cluster has GPUs). The job (this process, the driver) lists
 SOURCE and plans the shards (ids, numbers, removals) exactly as for the local executor; this
-executor sends the pending shards' paths through Ray, reassembles the result stream by (shard,
+executor sends the pending shards' paths (and where their bytes are: a URL, a tar member's byte
+range; read by the decoding task) through Ray, keeps SOURCE's carried columns (`--columns`, a
+tar sample's json/cls/txt) on the driver, reassembles the result stream by (shard,
 position) and hands each shard back to the job, which writes it, once all its rows have arrived:
 
 - a shard on disk is complete (temporary name + rename), so a rerun resumes like a local run

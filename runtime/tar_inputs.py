@@ -31,7 +31,8 @@ from .inputs import BLOCK, IMAGE_SUFFIXES, Input, Where
 from .paths import display_name
 from .remote import FetchError, is_url, open_url
 
-TAR_SUFFIXES = (".tar",)
+# Compressed ones are recognised only to be refused with a reason (check_tar).
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
 # The sample fields carried into the rows, as WebDataset names them, and their column types.
 FIELDS = (pa.field("json", pa.string()), pa.field("cls", pa.int64()), pa.field("txt", pa.string()))
 FIELD_NAMES = frozenset(f.name for f in FIELDS)

@@ -138,6 +138,8 @@ def test_a_tar_changed_after_listing_or_cut_short_is_an_error_row(tmp_path: Path
         read_where(where._replace(header=member.chksum + 1))
     with pytest.raises(OSError, match="changed since it was listed"):
         read_where(where._replace(offset=member.offset_data + 512))
+    with pytest.raises(OSError, match="more than"):  # a header claiming 8 GB is not read
+        read_where(where._replace(size=8 << 30))
     cut = tmp_path / "cut.tar"
     cut.write_bytes(path.read_bytes()[: member.offset_data + 100])
     with pytest.raises(OSError, match=f"truncated tar: member has 100 of its {member.size} bytes"):
