@@ -9,7 +9,9 @@ SOURCE is one of:
   gives strings);
 - a WebDataset tar shard (`data.tar`), a brace pattern of them (`data-{000000..000009}.tar`,
   expanded here as WebDataset does), each read member by member (runtime/tar_inputs.py);
-- any of these files as a URL (`https://.../list.parquet`, `s3://bucket/data-000000.tar`).
+- any of these files as a URL (`https://.../list.parquet`, `s3://bucket/data-000000.tar`), or
+  an object-store folder (`s3://bucket/photos/`, the trailing `/` says folder): its image
+  objects, sorted, each keyed by its URL and the listing's ETag and size.
 
 A relative path listed in a list is relative to that list's folder (as img2dataset reads them),
 not to the current directory: it is yielded joined onto the folder of SOURCE as SOURCE was
@@ -45,7 +47,7 @@ import pyarrow as pa
 from .inputs import IMAGE_SUFFIXES, Input, Where
 from .parquet import parquet_file
 from .paths import display_name
-from .remote import FetchError, fsspec_module, is_url, open_url
+from .remote import FetchError, content_tag, fsspec_module, is_url, list_objects, open_url
 from .tar_inputs import FIELDS, check_tar, is_tar, tar_inputs
 
 __all__ = [
@@ -116,6 +118,13 @@ def open_source(
         _no_columns(columns, spelled)
         _check_tar_source(spelled)
         return Source(spelled, list(FIELDS), lambda: _tars([spelled]), {"tar"} | _url_kind(spelled))
+    if is_url(spelled) and spelled.endswith("/"):
+        _no_columns(columns, spelled)
+        try:
+            objects = list_objects(spelled)  # fsspec's find lists all at once anyway
+        except FetchError as err:
+            raise IndexJobError(f"SOURCE: {err}") from None
+        return Source(spelled, [], lambda: _remote_images(objects), {"url"})
     if not is_url(spelled):
         path = Path(spelled)
         if path.is_dir():
@@ -189,6 +198,15 @@ def _walk_images(root: Path) -> Iterator[Input]:
             if Path(name).suffix.lower() in IMAGE_SUFFIXES:
                 path = os.path.join(directory, name)
                 yield Input(path, absolute_path(path))
+
+
+def _remote_images(objects: list[tuple[str, dict[str, Any]]]) -> Iterator[Input]:
+    """The image objects of a remote folder's listing (an object-store prefix ending in `/`),
+    sorted; each keyed by its URL and the listing's ETag and size, so that an object replaced
+    under the same name is a new input."""
+    for url, info in objects:
+        if os.path.splitext(url.split("?", 1)[0])[1].lower() in IMAGE_SUFFIXES:
+            yield Input(url, f"{url}\0{content_tag(info)}", where=Where(url))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -157,6 +157,29 @@ def object_info(url: str) -> dict[str, Any]:
     return with_retries(url, lambda: fs.info(path))
 
 
+def list_objects(url: str) -> list[tuple[str, dict[str, Any]]]:
+    """(URL, fsspec info: size, ETag...) of every object under the folder `url`, sorted by URL,
+    in one listing (with retries)."""
+    fs, path = filesystem(url)
+    protocol = url.split("://", 1)[0]
+    found = with_retries(url, lambda: fs.find(path, detail=True))
+    objects = []
+    for name, info in found.items():
+        if info.get("type", "file") == "file":
+            full = name if is_url(name) else f"{protocol}://{name.lstrip('/')}"
+            objects.append((full, info))
+    return sorted(objects, key=lambda item: item[0])
+
+
+def content_tag(info: dict[str, Any]) -> str:
+    """What a listing says of an object's content: its ETag (or another version tag the store
+    gives) and size; '' when it gives none."""
+    for key in ("ETag", "etag", "md5Hash", "crc32c", "LastModified", "mtime", "updated"):
+        if info.get(key) is not None:
+            return f"{key}={info[key]}\0size={info.get('size')}"
+    return f"size={info.get('size')}"
+
+
 def join_url(folder: str, entry: str) -> str:
     """`entry` (relative, POSIX separators) under the URL folder `folder`."""
     return folder.rstrip("/") + "/" + entry

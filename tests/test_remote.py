@@ -214,6 +214,15 @@ def test_s3_objects_lists_and_tars(narrow_engine: Path, s3: str, tmp_path: Path)
     assert got[f"{s3}/img/gone.jpg"].startswith(f"{s3}/img/gone.jpg: fetch failed: not found")
     # A list of images holding a tar: an error row (list tars in a list of their own).
     assert "a tar in a list of images" in got[f"{s3}/shards/s.tar"] and report.errors == 2
+    # A folder (prefix) as SOURCE: its images, keyed by URL + ETag + size from one listing.
+    fs.pipe(f"{s3}/img/d.png", jpeg(5))
+    fs.pipe(f"{s3}/img/notes.md", b"not an image")
+    folder = tmp_path / "folder"
+    run_index(f"{s3}/img/", narrow_engine, folder, IndexOptions(), INLINE)
+    assert sorted(statuses(folder)) == [f"{s3}/img/c.jpg", f"{s3}/img/d.png"]
+    fs.pipe(f"{s3}/img/d.png", jpeg(6))  # replaced under the same name: a new ETag
+    redone = run_index(f"{s3}/img/", narrow_engine, folder, IndexOptions(), INLINE)
+    assert (redone.new, redone.gone, redone.processed, redone.images) == (1, 1, 1, 2)
     out = tmp_path / "tar"
     report = run_index(f"{s3}/shards/s.tar", narrow_engine, out, IndexOptions(), INLINE)
     table = read_index(out)
