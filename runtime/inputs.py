@@ -69,7 +69,7 @@ def read_where(where: Where) -> bytes:
     if where.size > MAX_MEMBER_BYTES:  # a header can claim any size: never read that much
         raise OSError(f"a tar member of {where.size} bytes, more than {MAX_MEMBER_BYTES}: not read")
     data = _read(where.url, where.offset - BLOCK, BLOCK + where.size)
-    header, body = data[:BLOCK], data[BLOCK:]
+    header, body = data[:BLOCK], data[BLOCK : BLOCK + where.size]
     if len(header) < BLOCK or _checksum_field(header) != where.header:
         raise OSError(f"{where.url} changed since it was listed (no member header at its offset)")
     if len(body) < where.size:

@@ -137,7 +137,7 @@ def read_range(url: str, start: int = 0, size: int = -1) -> bytes:
 
     def fetch() -> bytes:
         data = bytes(fs.cat_file(path, start=start or None, end=end))
-        if end is not None and len(data) > end - start and start:
+        if end is not None and len(data) > end - start:
             # a server that ignores Range sends the whole object: keep the asked-for bytes
             data = data[start:end]
         return data

@@ -3,6 +3,7 @@ Range, a 404, a 500-then-200, a slow and a cut-short response) and moto's S3 ser
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import subprocess
@@ -30,7 +31,8 @@ SLOW_S = 3.0  # the slow response's delay, beyond the tests' timeout
 
 class Handler(SimpleHTTPRequestHandler):
     """Files of the served folder with Range support; /flaky/ answers 500 on the first request
-    for each name, /slow/ waits SLOW_S, /broken/ promises more bytes than it sends."""
+    for each name, /slow/ waits SLOW_S, /broken/ promises more bytes than it sends, /norange/
+    ignores Range (sends the whole file, as some servers do)."""
 
     hits: Counter = Counter()
     whole: Counter = Counter()  # GETs without a Range header, by path
@@ -52,7 +54,7 @@ class Handler(SimpleHTTPRequestHandler):
             return
         if route == "slow":
             time.sleep(SLOW_S)
-        special = route in ("flaky", "slow", "broken")
+        special = route in ("flaky", "slow", "broken", "norange")
         file = Path(self.directory) / (name if special else self.path.lstrip("/"))
         if not file.is_file():
             self.send_error(404)
@@ -69,7 +71,7 @@ class Handler(SimpleHTTPRequestHandler):
             return
         status, start, end = 200, 0, len(data)
         wanted = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", ""))
-        if wanted:
+        if wanted and route != "norange":
             start = int(wanted.group(1) or 0)
             end = min(int(wanted.group(2)) + 1 if wanted.group(2) else len(data), len(data))
             status = 206
@@ -171,6 +173,12 @@ def test_remote_list_and_remote_tar_as_source(
     assert f"{base}/d-000001.tar/k0011.jpg" in table["path"].to_pylist()
     # Listing and members were read by range: no GET of a whole tar.
     assert not [p for p in Handler.whole if p.endswith(".tar")], Handler.whole
+    # A server that ignores Range: slower (each read gets the whole tar), same bytes.
+    out = tmp_path / "norange"
+    options = IndexOptions(content_hash=True)
+    run_index(f"{base}/norange/d-000000.tar", narrow_engine, out, options, INLINE)
+    table = read_index(out)
+    assert table["sha256"].to_pylist() == [hashlib.sha256(jpeg(i)).hexdigest() for i in (0, 1)]
     with pytest.raises(IndexJobError, match="fetch failed: not found"):
         run_index(f"{base}/nope.tar", narrow_engine, tmp_path / "o3", IndexOptions(), INLINE)
     with pytest.raises(IndexJobError, match="fetch failed: not found"):
