@@ -41,7 +41,9 @@ _COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ": "xz", b"\x28\x
 
 
 def is_tar(name: str) -> bool:
-    return name.lower().endswith(TAR_SUFFIXES)
+    """Whether `name` names a tar by its suffix (a URL's query, e.g. a presigned one, aside)."""
+    path = name.split("?", 1)[0] if is_url(name) else name
+    return path.lower().endswith(TAR_SUFFIXES)
 
 
 def split_key(name: str) -> tuple[str, str]:

@@ -16,7 +16,7 @@ from interactive_features.runtime.index import IndexJobError, IndexOptions, read
 from interactive_features.runtime.index_local import LocalExecutor
 from interactive_features.runtime.index_sources import expand_braces
 from interactive_features.runtime.inputs import Where, read_where
-from interactive_features.runtime.tar_inputs import split_key
+from interactive_features.runtime.tar_inputs import is_tar, split_key
 from PIL import Image
 from test_index import cli
 
@@ -200,5 +200,6 @@ def test_webdataset_keys_and_brace_expansion() -> None:
     assert expand_braces("s-{08..10}.tar") == ["s-08.tar", "s-09.tar", "s-10.tar"]
     assert expand_braces("{a,b}-{0..1}.tar") == ["a-0.tar", "a-1.tar", "b-0.tar", "b-1.tar"]
     assert expand_braces("plain{x}.tar") == ["plain{x}.tar"]
+    assert is_tar("https://h/s.tar?X-Amz-Signature=1") and not is_tar("s.tar?x")
     with pytest.raises(IndexJobError, match="empty"):
         expand_braces("s-{5..1}.tar")
