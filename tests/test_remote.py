@@ -21,6 +21,7 @@ import pytest
 from interactive_features.runtime import remote
 from interactive_features.runtime.index import IndexJobError, IndexOptions, read_index, run_index
 from interactive_features.runtime.index_local import LocalExecutor
+from test_index import cli
 from test_tar import jpeg, make_shard
 
 pytest.importorskip("fsspec")
@@ -165,6 +166,11 @@ def test_remote_list_and_remote_tar_as_source(
     assert table["label"].to_pylist() == [7, 8] and set(table["status"].to_pylist()) == {"ok"}
     make_shard(root / "d-000000.tar", 0, 2)
     make_shard(root / "d-000001.tar", 10, 2)
+    # From the command line (SOURCE stays a str there: a Path would fold the URL's //).
+    done = cli(f"{base}/d-{{000000..000001}}.tar", "--engine", str(narrow_engine), "-o",
+               str(tmp_path / "cli"), "--workers", "0")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert pq.read_table(tmp_path / "cli").num_rows == 4
     out = tmp_path / "o2"
     report = run_index(f"{base}/d-{{000000..000001}}.tar", narrow_engine, out, IndexOptions(),
                        LocalExecutor(1))  # fmt: skip
