@@ -313,6 +313,7 @@ def index_job(
     heatmaps: bool = False,
     content_hash: bool = False,
     path_column: str = "path",
+    columns: Sequence[str] | None = None,
     limit: int | None = None,
     batch_size: int = 16,
     shard_size: int = 1000,
@@ -328,6 +329,8 @@ def index_job(
     resume and output (README "Indexing a collection"); returns its IndexReport (`images`,
     `errors`, `processed`, `new`, `gone`, `seconds`, `by_bucket`...).
 
+    `columns`: a Parquet/CSV SOURCE's columns carried into every row (["all"]: all but
+    `path_column`). SOURCE may also be a tar shard, a brace pattern of them or a URL (README).
     `workers`: decoding processes (default: the cores less one; 0 decodes in this process).
     `ray`: None runs on this machine; "local" starts a local Ray instance, "auto" or
     "ray://HOST:10001" joins a cluster, with `actors` extraction actors. Errors in the job raise
@@ -340,7 +343,7 @@ def index_job(
         batch_size=batch_size, shard_size=shard_size,
         layers=list(layers) if layers is not None else None, normalize=normalize,
         concat=concat, path_column=path_column, limit=limit, heatmaps=heatmaps,
-        content_hash=content_hash,
+        content_hash=content_hash, columns=list(columns) if columns is not None else None,
     )  # fmt: skip
     executor: Executor
     if ray is not None:
@@ -354,6 +357,6 @@ def index_job(
         n = max(1, (os.cpu_count() or 2) - 1) if workers is None else workers
         executor = LocalExecutor(workers=n, backend=backend)
     return run_index(
-        Path(source), Path(engine), Path(out), options, executor,
+        source, Path(engine), Path(out), options, executor,
         overwrite=overwrite, retry_failed=retry_failed, progress=progress,
     )  # fmt: skip

@@ -524,13 +524,16 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
         _run_index,
         "index",
         help="a whole collection into sharded Parquet, resumable",
-        description="Index SOURCE (a directory tree, a text file of paths, or a Parquet/CSV file "
-        "with a path column) into OUTDIR/part-NNNNN.parquet shards plus _manifest.json. The "
+        description="Index SOURCE (a directory tree, a text file of paths, a Parquet/CSV file "
+        "with a path column, a WebDataset tar shard or a brace pattern of them like "
+        "data-{000000..000009}.tar; any of these files as a URL: https://, s3://, gs://, hf://) "
+        "into OUTDIR/part-NNNNN.parquet shards plus _manifest.json. The "
         "output always equals the current SOURCE: rerun the same command to resume after an "
         "interruption or to bring OUTDIR up to date after SOURCE changed (only new inputs are "
         "processed; rows of removed inputs are removed). One job per OUTDIR at a time.",
     )
-    p.add_argument("source", type=Path, metavar="SOURCE")
+    # str, not Path: Path would fold a URL's `//`
+    p.add_argument("source", metavar="SOURCE")
     _engine_options(p, "output directory (OUTDIR)", batch_size=16)
     p.add_argument(
         "--workers", type=_at_least(0), default=max(1, (os.cpu_count() or 2) - 1),
@@ -543,6 +546,10 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--normalize", default="none", choices=NORMALIZATIONS, help="each layer's rows")
     p.add_argument("--concat", action="store_true", help="one `features` column")
     p.add_argument("--path-column", default="path", help="for Parquet/CSV sources")
+    p.add_argument(
+        "--columns", type=comma_list, metavar="A,B|all",
+        help="Parquet/CSV SOURCE: carry these columns (all: all but the path column) into the rows",
+    )  # fmt: skip
     p.add_argument("--heatmaps", action="store_true", help="store small heatmaps (<= 32 px)")
     p.add_argument(
         "--content-hash", action="store_true",
@@ -573,6 +580,16 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_index(args: argparse.Namespace) -> int:
+    from .index_sources import ColumnsError
+
+    try:
+        return _index(args)
+    except ColumnsError as err:  # --columns against SOURCE: bad usage, exit 2
+        args.command_parser.error(str(err))  # raises SystemExit(2)
+        raise
+
+
+def _index(args: argparse.Namespace) -> int:
     from .index import Executor, IndexOptions, dry_run, run_index
 
     options = IndexOptions(
@@ -585,6 +602,7 @@ def _run_index(args: argparse.Namespace) -> int:
         limit=args.limit,
         heatmaps=args.heatmaps,
         content_hash=args.content_hash,
+        columns=args.columns,
     )
     if args.dry_run:
         plan = dry_run(args.source, args.engine, options)

@@ -11,6 +11,11 @@ distinct input (by id), whatever changed between runs. The shard files are the c
 - **Done set**: the `id` and `status` columns of both kinds of shard file on disk (each written
   under a temporary name and renamed when whole, so a file on disk is complete). The two files
   of a shard need not both be there: a crash between them leaves the other's inputs pending.
+- **Ids**: an input's id is the first 16 hex digits of the SHA-1 of its key (Input.key): a local
+  file's normalised absolute path, a URL as written, a tar member's tar identity + name + data
+  offset + size + header checksum (runtime/tar_inputs.py); plus, when SOURCE carries columns
+  (`--columns`, a tar sample's json/cls/txt), the carried values, so a changed value is a changed
+  input (`input_number`).
 - **Plan**: SOURCE (runtime/index_sources.py) is listed once, in its stable order. An input whose
   id is done is skipped without reading its image; the others (new, or left by an interrupted
   run) are pending, cut in SOURCE order into shards of `shard_size`, numbered with the smallest
@@ -30,8 +35,9 @@ pending shards' inputs into output rows (`shard_rows`): `LocalExecutor` (runtime
 decoding processes on this machine) or `RayExecutor` (runtime/ray_index.py, a Ray cluster).
 
 Memory: the plan holds 8 bytes per listed input and 12 per row on disk (numpy, plus sorting
-temporaries of the same order) and the pending inputs' paths (their bytes + 8); never pixels or
-rows: about 40 MB per million inputs plus the paths still to do.
+temporaries of the same order) and the pending inputs' PENDING row (path bytes + about 50, plus a
+URL or tar name and the carried values when there are); never pixels or rows: about 40 MB per
+million inputs plus the inputs still to do.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field
 from itertools import count, islice
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -58,10 +64,14 @@ from .api import Features
 from .atomic import write_json
 from .buckets import format_size
 from .images import ImageError, PreparedImage, image_size, prepare_image
-from .index_sources import IndexJobError, iter_sources, limited
+from .index_sources import ColumnsError, IndexJobError, Source, absolute_path, limited, open_source
+from .index_sources import identity as source_identity
+from .index_sources import iter_sources as iter_sources  # re-exported: callers list SOURCE
+from .inputs import FetchError, Input, Where, read_where
 from .locks import exclusive_lock
-from .manifest import PACKAGE, EngineManifest, package_version
+from .manifest import PACKAGE, EngineManifest, heatmap_name, package_version
 from .parquet import features_table, output_metadata, read_table, split_status, write_table
+from .paths import display_name
 from .settings import NORMALIZATIONS
 
 RUN_MANIFEST = "_manifest.json"
@@ -72,11 +82,17 @@ ERROR_FILE = re.compile(r"part-(\d{5,})\.pq")
 # The options that shape a row: a rerun on the same OUTDIR must repeat them (or --overwrite).
 # batch_size, shard_size and limit do not: they change how the work is cut, or which inputs
 # SOURCE is taken to list.
-ROW_OPTIONS = ("layers", "normalize", "concat", "path_column", "heatmaps", "content_hash")
+ROW_OPTIONS = (
+    "layers", "normalize", "concat", "path_column", "heatmaps", "content_hash", "columns"
+)  # fmt: skip
+# What a manifest written before an option existed means by its absence (that option's default).
+ABSENT_MEANS = {"columns": None}
+# Files; a URL is its own key (no abspath) and a tar member's key is tar_inputs._member_key.
 ID_SCHEME = "sha1(normpath(abspath(path)))[:16]"
 LIST_CHUNK = 65536  # SOURCE entries hashed and looked up per numpy call while planning
 HASH_IN_MEMORY = 256 * 2**20  # --content-hash: larger files are hashed in a separate read
 log = logging.getLogger(PACKAGE)
+T = TypeVar("T")
 
 
 @dataclass
@@ -92,6 +108,8 @@ class IndexOptions:
     limit: int | None = None  # only the first `limit` entries of SOURCE
     heatmaps: bool = False  # small heatmaps beside the features (engines made with --heatmaps)
     content_hash: bool = False  # a `sha256` column: the hash of each file's bytes
+    # a Parquet/CSV list's columns carried into every row (["all"]: all but path_column)
+    columns: list[str] | None = None
 
 
 @dataclass
@@ -135,22 +153,30 @@ class IndexReport:
         return line
 
 
-def absolute_path(path: str) -> str:
-    """The normalised absolute form of a path (symlinks kept: a link is its own input)."""
-    return os.path.abspath(path)  # abspath normalises (normpath), never resolves links
-
-
 def source_id(path: str) -> str:
-    """A stable id for an input: the first 16 hex digits of the SHA-1 of its normalised absolute
-    path, so `photos/x.jpg`, `./photos/x.jpg` and `/abs/photos/x.jpg` are one input."""
-    data = absolute_path(path).encode("utf-8", "surrogateescape")
-    return hashlib.sha1(data).hexdigest()[:16]
+    """A stable id for a local file: the first 16 hex digits of the SHA-1 of its normalised
+    absolute path, so `photos/x.jpg`, `./photos/x.jpg` and `/abs/photos/x.jpg` are one input."""
+    return hex_id(_key_number(absolute_path(path)))
 
 
-def _id_number(path: str) -> int:
-    """source_id as a 64-bit integer (how the plan holds ids)."""
-    data = absolute_path(path).encode("utf-8", "surrogateescape")
+def _key_number(key: str) -> int:
+    """The id of an input's key (Input.key) as a 64-bit integer (how the plan holds ids)."""
+    data = key.encode("utf-8", "surrogateescape")
     return int.from_bytes(hashlib.sha1(data).digest()[:8], "big")
+
+
+def input_number(item: Input) -> int:
+    """The id of an Input: of its key, and of its carried values when it has any (so that the
+    output follows SOURCE: a changed value, a tar sample's new caption, is a new input)."""
+    if not item.extras:
+        return _key_number(item.key)
+    values = json.dumps(item.extras, default=repr, ensure_ascii=True)
+    return _key_number(f"{item.key}\0{values}")
+
+
+def hex_id(number: int) -> str:
+    """An id as the `id` column writes it: 16 hex digits."""
+    return f"{number:016x}"
 
 
 def _id_numbers(ids: Iterable[str | None], where: Path) -> np.ndarray:
@@ -177,7 +203,7 @@ def error_name(k: int) -> str:
     return f"{ERRORS_DIR}/part-{k:05d}.pq"
 
 
-def chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
+def chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
     """Consecutive lists of `size` items (the last may be shorter)."""
     iterator = iter(items)
     while chunk := list(islice(iterator, size)):
@@ -190,11 +216,16 @@ def chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
 
 class Shard(NamedTuple):
     """A shard to write: its number k (it becomes shard_name(k)), its inputs in SOURCE order and
-    their ids (the driver computes them: workers may see another current directory)."""
+    their ids (the driver computes them: workers may see another current directory); for each
+    input where its bytes are (None: the local file at its path) and the error known while
+    listing (None: read it); `carried`: the extra columns of its rows (SOURCE's), or None."""
 
     k: int
     paths: list[str]
     ids: list[str]
+    wheres: list[Where | None]
+    errors: list[str | None]
+    carried: pa.Table | None = None
 
 
 class Progress:
@@ -248,6 +279,11 @@ class Executor(ABC):
         (e.g. a backend asked for by name that cannot run here). This one accepts any."""
         return None
 
+    def check_source(self, source: Source) -> None:
+        """Raise, before OUTDIR is touched, when this executor cannot read SOURCE's kind of
+        inputs (`source.kinds`: files, tar, url, columns). This one reads them all."""
+        return None
+
 
 def prepare_or_error(path: str, manifest: EngineManifest) -> PreparedImage | str:
     """The image at its bucket size, or why it cannot be read (any failure is the input's)."""
@@ -260,10 +296,21 @@ def prepare_or_error(path: str, manifest: EngineManifest) -> PreparedImage | str
 
 
 def prepare_input(
-    path: str, manifest: EngineManifest, content_hash: bool = False
+    path: str,
+    manifest: EngineManifest,
+    content_hash: bool = False,
+    where: Where | None = None,
+    error: str | None = None,
 ) -> tuple[PreparedImage | str, str | None]:
     """prepare_or_error, and with `content_hash` the SHA-256 of the file's bytes (None when the
-    file cannot be read), from the same read as the decoding (files up to HASH_IN_MEMORY)."""
+    file cannot be read), from the same read as the decoding (files up to HASH_IN_MEMORY).
+
+    `where`: the input's bytes are there (a URL, a tar member's byte range), read in one go;
+    `error`: the input's status, known while listing: returned as it is, nothing is read."""
+    if error is not None:
+        return error, None
+    if where is not None:
+        return _prepare_where(path, where, manifest, content_hash)
     if not content_hash:
         return prepare_or_error(path, manifest), None
     try:
@@ -279,12 +326,30 @@ def prepare_input(
     digest = hashlib.sha256(data).hexdigest()
     if not data:
         return prepare_or_error(path, manifest), digest
+    return _prepare_data(path, data, manifest), digest
+
+
+def _prepare_where(
+    path: str, where: Where, manifest: EngineManifest, content_hash: bool
+) -> tuple[PreparedImage | str, str | None]:
     try:
-        return prepare_image(data, manifest.bucket_for), digest
+        data = read_where(where)
+    except FetchError as err:  # it names the URL: the input's own when it is a remote image
+        return (str(err) if where.url == path else f"{path}: {err}"), None
+    except OSError as err:
+        return f"{path}: {err.strerror or err}", None
+    digest = hashlib.sha256(data).hexdigest() if content_hash else None
+    return _prepare_data(path, data, manifest), digest
+
+
+def _prepare_data(path: str, data: bytes, manifest: EngineManifest) -> PreparedImage | str:
+    """An input's bytes at its bucket size, or why not (the reason prefixed with `path`)."""
+    try:
+        return prepare_image(data, manifest.bucket_for)
     except ImageError as err:
-        return f"{path}: {err.reason}", digest
+        return f"{path}: {err.reason}"
     except Exception as err:
-        return f"{path}: unexpected error while decoding: {type(err).__name__}: {err}", digest
+        return f"{path}: unexpected error while decoding: {type(err).__name__}: {err}"
 
 
 def shard_rows(
@@ -293,9 +358,10 @@ def shard_rows(
     features: Features,
     options: IndexOptions,
     hashes: list[str | None] | None = None,
+    carried: pa.Table | None = None,
 ) -> pa.Table:
     """The output rows of `paths` (features_table's columns, `id`, with `content_hash` a
-    `sha256` column after `path`), no metadata."""
+    `sha256` column after `path`, then the `carried` columns), no metadata."""
     table = features_table(
         paths,
         features,
@@ -308,6 +374,15 @@ def shard_rows(
     if options.content_hash:
         column = pa.array(hashes if hashes is not None else [None] * len(paths), pa.string())
         table = table.add_column(table.schema.get_field_index("path") + 1, "sha256", column)
+    return with_carried(table, carried)
+
+
+def with_carried(table: pa.Table, carried: pa.Table | None) -> pa.Table:
+    """`table` with the columns of `carried` (SOURCE's, as many rows) appended."""
+    if carried is None:
+        return table
+    for name in carried.column_names:
+        table = table.append_column(carried.schema.field(name), carried[name])
     return table
 
 
@@ -345,12 +420,13 @@ class Plan:
     kept: int  # rows on disk that stay
     gone: int  # rows to remove: SOURCE no longer lists their input
     retried: int  # failed rows to remove and redo
-    pending: pa.Array  # the inputs to index, in SOURCE order (utf-8 + surrogateescape bytes)
+    pending: pa.Table  # the inputs to index, in SOURCE order (PENDING columns)
     remove: dict[Path, np.ndarray]  # shard file -> ids (uint64) of its rows to remove
     occupied: dict[Path, int]  # shard files on disk -> their shard numbers
     emptied: set[Path] = field(default_factory=set)  # shard files all of whose rows go
     # feature files holding failed rows (written before _errors/ existed): split by apply_removals
     mixed: set[Path] = field(default_factory=set)
+    carried: list[str] = field(default_factory=list)  # SOURCE's columns in pending, after PENDING
 
     @property
     def new(self) -> int:
@@ -373,13 +449,80 @@ class Plan:
         taken = {k for part, k in self.occupied.items() if part not in self.emptied}
         free = (k for k in count() if k not in taken)
         for start in range(0, len(self.pending), size):
-            raw = self.pending.slice(start, size).to_pylist()
-            paths = [p.decode("utf-8", "surrogateescape") for p in raw]
-            yield Shard(next(free), paths, [source_id(p) for p in paths])
+            yield _shard(next(free), self.pending.slice(start, size), self.carried)
+
+
+# The plan's columns for each pending input (text as utf-8 + surrogateescape bytes): its path,
+# id, where its bytes are (url null: the file at path) and the error known while listing.
+PENDING = pa.schema(
+    [
+        ("path", pa.large_binary()),
+        ("id", pa.uint64()),
+        ("url", pa.large_binary()),
+        ("offset", pa.int64()),
+        ("size", pa.int64()),
+        ("header", pa.int64()),
+        ("error", pa.large_binary()),
+    ]
+)
+_NAMES = ("path", "url", "error")  # the PENDING columns holding text
+
+
+def _encode(text: str | None) -> bytes | None:
+    return None if text is None else text.encode("utf-8", "surrogateescape")
+
+
+def _decode(raw: bytes | None) -> str | None:
+    return None if raw is None else raw.decode("utf-8", "surrogateescape")
+
+
+def _pending_table(inputs: list[Input], ids: np.ndarray, carried: list[pa.Field]) -> pa.Table:
+    """PENDING (then the carried columns) of `inputs`."""
+    wheres = [i.where for i in inputs]
+    columns = {
+        "path": [_encode(i.path) for i in inputs],
+        "id": ids,
+        "url": [_encode(w.url) if w else None for w in wheres],
+        "offset": [w.offset if w else None for w in wheres],
+        "size": [w.size if w else None for w in wheres],
+        "header": [w.header if w else None for w in wheres],
+        "error": [_encode(i.error) for i in inputs],
+    }
+    arrays = [pa.array(columns[f.name], f.type) for f in PENDING]
+    for n, f in enumerate(carried):
+        arrays.append(_carried_array([i.extras[n] for i in inputs], f))
+    return pa.Table.from_arrays(arrays, schema=pending_schema(carried))
+
+
+def pending_schema(carried: list[pa.Field]) -> pa.Schema:
+    """PENDING, then the carried fields under names of their own (SOURCE may have a `url`)."""
+    return pa.schema([*PENDING, *(f.with_name(f"carried.{n}") for n, f in enumerate(carried))])
+
+
+def _carried_array(values: list[Any], column: pa.Field) -> pa.Array:
+    try:
+        return pa.array(values, column.type)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as err:
+        raise IndexJobError(f"--columns {column.name!r}: cannot carry its values ({err})") from None
+
+
+def _shard(k: int, table: pa.Table, carried: list[str]) -> Shard:
+    rows = {name: table[name].to_pylist() for name in PENDING.names}
+    paths = [p.decode("utf-8", "surrogateescape") for p in rows["path"]]
+    wheres = [
+        None if url is None else Where(_decode(url) or "", offset, size, header)
+        for url, offset, size, header in zip(
+            rows["url"], rows["offset"], rows["size"], rows["header"], strict=True
+        )
+    ]
+    errors = [_decode(e) for e in rows["error"]]
+    ids = [hex_id(i) for i in rows["id"]]
+    extra = table.select(table.column_names[len(PENDING) :]).rename_columns(carried)
+    return Shard(k, paths, ids, wheres, errors, extra if carried else None)
 
 
 def plan_index(
-    source: Path, out: Path, options: IndexOptions, *, retry_failed: bool = False
+    source: Source, out: Path, options: IndexOptions, *, retry_failed: bool = False
 ) -> Plan:
     """Compare SOURCE (listed once) with the shards on disk (their `id` and `status` only)."""
     files = shard_files(out)
@@ -407,16 +550,14 @@ def plan_index(
     keep = np.unique(done_ids[~redo])
     del values, counts
 
-    listed, positions, paths = [], [], []
+    listed, positions, tables = [], [], []
     offset = 0
-    sources = limited(iter_sources(source, options.path_column), options.limit)
-    for chunk in chunks(sources, LIST_CHUNK):
-        ids = np.fromiter((_id_number(p) for p in chunk), np.uint64, len(chunk))
+    for chunk in chunks(limited(source.inputs(), options.limit), LIST_CHUNK):
+        ids = np.fromiter((input_number(i) for i in chunk), np.uint64, len(chunk))
         todo = np.flatnonzero(~_member(ids, keep))
         listed.append(ids)
         positions.append(todo + offset)
-        encoded = [chunk[i].encode("utf-8", "surrogateescape") for i in todo]
-        paths.append(pa.array(encoded, pa.large_binary()))
+        tables.append(_pending_table([chunk[i] for i in todo], ids[todo], source.carried))
         offset += len(chunk)
     current = np.concatenate(listed) if listed else np.empty(0, np.uint64)
     del listed, keep
@@ -424,7 +565,7 @@ def plan_index(
     is_first = np.zeros(len(current), bool)
     is_first[first] = True
     todo_at = np.concatenate(positions) if positions else np.empty(0, np.int64)
-    pending = pa.concat_arrays(paths) if paths else pa.array([], pa.large_binary())
+    pending = pa.concat_tables(tables) if tables else pending_schema(source.carried).empty_table()
     pending = pending.filter(pa.array(is_first[todo_at]))
 
     gone = ~_member(done_ids, distinct)
@@ -449,6 +590,7 @@ def plan_index(
         occupied=files,
         emptied=emptied,
         mixed=mixed,
+        carried=[f.name for f in source.carried],
     )
 
 
@@ -489,7 +631,7 @@ def split_mixed(out: Path, part: Path, k: int) -> None:
 
 
 def run_index(
-    source: Path,
+    source: str | os.PathLike[str],
     engine: Path,
     out: Path,
     options: IndexOptions,
@@ -511,10 +653,12 @@ def run_index(
     manifest = EngineManifest.load(engine)
     check_options(options, manifest)
     executor.check(manifest)
-    iter_sources(source, options.path_column)  # problems with SOURCE itself raise here
-    run = run_manifest(source, manifest, options)
+    opened = open_source(source, options.path_column, options.columns)  # SOURCE's problems
+    check_carried(opened, options, manifest)
+    executor.check_source(opened)
+    run = run_manifest(opened, manifest, options)
     with _outdir_lock(out):
-        return _run_locked(source, engine, out, options, executor, run, manifest,
+        return _run_locked(opened, engine, out, options, executor, run, manifest,
                            overwrite=overwrite, retry_failed=retry_failed, progress=progress,
                            say=say)  # fmt: skip
 
@@ -535,7 +679,7 @@ def _outdir_lock(out: Path) -> Iterator[None]:
 
 
 def _run_locked(
-    source: Path,
+    source: Source,
     engine: Path,
     out: Path,
     options: IndexOptions,
@@ -554,7 +698,7 @@ def _run_locked(
     plan = plan_index(source, out, options, retry_failed=retry_failed)
     if plan.inputs == 0 and plan.kept + plan.gone + plan.retried and not overwrite:
         raise IndexJobError(
-            f"SOURCE {str(source)!r} lists no inputs: refusing to remove all "
+            f"SOURCE {display_name(source.spelled)!r} lists no inputs: refusing to remove all "
             f"{plan.kept + plan.gone + plan.retried} rows of {out} (an unmounted or emptied "
             "SOURCE?); pass --overwrite to empty it"
         )
@@ -581,7 +725,7 @@ def _run_locked(
     try:
         with closing(executor.run(work, plan.shards(options.shard_size))) as results:
             for k, rows in results:
-                write_shard(out, k, rows.replace_schema_metadata(metadata))
+                write_shard(out, k, rows.replace_schema_metadata(metadata), plan.carried)
                 report.written_shards += 1
                 report.processed += rows.num_rows
     finally:
@@ -594,10 +738,10 @@ def _run_locked(
     return report
 
 
-def write_shard(out: Path, k: int, rows: pa.Table) -> None:
-    """Shard k's ok rows into shard_name(k), its failed ones into error_name(k) (each file
-    atomically, only when it has rows)."""
-    ok, failed = split_status(rows)
+def write_shard(out: Path, k: int, rows: pa.Table, carried: Iterable[str] = ()) -> None:
+    """Shard k's ok rows into shard_name(k), its failed ones (with the `carried` columns) into
+    error_name(k) (each file atomically, only when it has rows)."""
+    ok, failed = split_status(rows, carried)
     for name, table in ((error_name(k), failed), (shard_name(k), ok)):
         if table.num_rows:
             write_table(table, out / name)
@@ -622,11 +766,30 @@ def check_options(options: IndexOptions, manifest: EngineManifest) -> None:
         raise IndexJobError(f"--layers {unknown}: not in this engine ({manifest.layers})")
 
 
-def run_manifest(source: Path, engine: EngineManifest, options: IndexOptions) -> dict[str, Any]:
+# The columns of ours that SOURCE's carried columns must not take (besides the engine's layers
+# and their heatmaps).
+OUTPUT_COLUMNS = frozenset(
+    {"id", "path", "path_bytes", "width", "height", "bucket", "status", "sha256", "features"}
+)
+
+
+def check_carried(source: Source, options: IndexOptions, manifest: EngineManifest) -> None:
+    """Raise IndexJobError when a carried column of SOURCE has the name of an output column."""
+    ours = OUTPUT_COLUMNS | set(manifest.layers) | {heatmap_name(t) for t in manifest.layers}
+    clash = [f.name for f in source.carried if f.name in ours]
+    if clash:
+        raise ColumnsError(
+            f"--columns {clash}: the output has its own column of that name (its columns: "
+            f"{', '.join(sorted(OUTPUT_COLUMNS))}, a column per layer and per heatmap); rename "
+            "it in SOURCE"
+        )
+
+
+def run_manifest(source: Source, engine: EngineManifest, options: IndexOptions) -> dict[str, Any]:
     """What OUTDIR was made from (written as _manifest.json); `identity` of it must match."""
     return {
         "command": "index",
-        "source": absolute_path(str(source)),
+        "source": source.identity,
         "ids": ID_SCHEME,
         "options": asdict(options),
         "engine": {
@@ -645,9 +808,9 @@ def identity(run: dict[str, Any]) -> dict[str, Any]:
     options = options if isinstance(options, dict) else {}
     source = run.get("source")
     return {
-        "source": absolute_path(source) if isinstance(source, str) else source,
+        "source": source_identity(source) if isinstance(source, str) else source,
         "ids": run.get("ids"),
-        "options": {k: options.get(k, "(absent)") for k in ROW_OPTIONS},
+        "options": {k: options.get(k, ABSENT_MEANS.get(k, "(absent)")) for k in ROW_OPTIONS},
         "engine": run.get("engine"),
     }
 
@@ -708,15 +871,17 @@ def remove_temporaries(out: Path) -> None:
 # Dry run
 
 
-def dry_run(source: Path, engine: Path, options: IndexOptions) -> dict[str, Any]:
-    """Headers only: the bucket histogram, unreadable inputs, the buckets the engine lacks."""
+def dry_run(source: str | os.PathLike[str], engine: Path, options: IndexOptions) -> dict[str, Any]:
+    """Headers only (a URL or tar member is read whole): the bucket histogram, unreadable
+    inputs, the buckets the engine lacks."""
     manifest = EngineManifest.load(engine)
     histogram: Counter = Counter()
     unreadable = 0
-    for path in limited(iter_sources(source, options.path_column), options.limit):
+    opened = open_source(source, options.path_column, options.columns)
+    for item in limited(opened.inputs(), options.limit):
         try:
-            histogram[manifest.bucket_for(*image_size(path))] += 1
-        except ImageError:
+            histogram[manifest.bucket_for(*_header_size(item))] += 1
+        except (ImageError, OSError):
             unreadable += 1
     missing = sorted(b for b in histogram if b not in set(manifest.buckets))
     return {
@@ -726,3 +891,9 @@ def dry_run(source: Path, engine: Path, options: IndexOptions) -> dict[str, Any]
         "missing": [format_size(b) for b in missing],
         "export_command": manifest.export_command(missing) if missing else None,
     }
+
+
+def _header_size(item: Input) -> tuple[int, int]:
+    if item.error is not None:
+        raise OSError(item.error)
+    return image_size(item.path if item.where is None else read_where(item.where))

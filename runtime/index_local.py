@@ -24,6 +24,7 @@ from .api import Extractor
 from .backends import backend_status
 from .images import PreparedImage
 from .index import Executor, Progress, Results, Shard, ShardWork, prepare_input, shard_rows
+from .inputs import Where
 from .manifest import EngineError, EngineManifest
 
 
@@ -50,14 +51,17 @@ class LocalExecutor(Executor):
         with Extractor.open(work.engine, backend=self.backend) as extractor:
             pool = self._pool(work.engine) if self.workers > 0 else None
             try:
-                for k, paths, ids in shards:
-                    hashes: list[str | None] = [None] * len(paths)
+                for shard in shards:
+                    n = len(shard.paths)
+                    hashes: list[str | None] = [None] * n
                     stream = _prepared_stream(
-                        paths, pool, window, work.manifest, options.content_hash, hashes
+                        shard, pool, window, work.manifest, options.content_hash, hashes
                     )
                     items = work.bar.track(stream)
-                    features = extractor.extract_prepared(items, len(paths), options.batch_size)
-                    yield k, shard_rows(paths, ids, features, options, hashes)
+                    features = extractor.extract_prepared(items, n, options.batch_size)
+                    rows = shard_rows(shard.paths, shard.ids, features, options, hashes,
+                                      shard.carried)  # fmt: skip
+                    yield shard.k, rows
             finally:
                 if pool is not None:
                     pool.shutdown(cancel_futures=True)
@@ -137,13 +141,15 @@ def _die_with_the_job(job_pid: int) -> None:
         os._exit(1)
 
 
-def _prepare(path: str, content_hash: bool) -> tuple[PreparedImage | str, str | None]:
+def _prepare(
+    path: str, content_hash: bool, where: Where | None, error: str | None
+) -> tuple[PreparedImage | str, str | None]:
     assert _worker_manifest is not None, "_init_worker runs first in every worker"
-    return prepare_input(path, _worker_manifest, content_hash)
+    return prepare_input(path, _worker_manifest, content_hash, where, error)
 
 
 def _prepared_stream(
-    paths: list[str],
+    shard: Shard,
     pool: ProcessPoolExecutor | None,
     window: int,
     manifest: EngineManifest,
@@ -151,15 +157,17 @@ def _prepared_stream(
     hashes: list[str | None],
 ) -> Iterator[tuple[int, PreparedImage | str]]:
     """(position, prepared image or error) in input order, at most `window` images in flight;
-    with `content_hash`, each file's SHA-256 into `hashes[position]`."""
+    with `content_hash`, each file's SHA-256 into `hashes[position]`. A worker is sent where an
+    input's bytes are (a path, a URL, a tar member's byte range), never the bytes."""
+    inputs = zip(shard.paths, shard.wheres, shard.errors, strict=True)
     if pool is None:
-        for i, path in enumerate(paths):
-            item, hashes[i] = prepare_input(path, manifest, content_hash)
+        for i, (path, where, error) in enumerate(inputs):
+            item, hashes[i] = prepare_input(path, manifest, content_hash, where, error)
             yield i, item
         return
     pending: deque[tuple[int, Future]] = deque()
-    for i, path in enumerate(paths):
-        pending.append((i, pool.submit(_prepare, path, content_hash)))
+    for i, (path, where, error) in enumerate(inputs):
+        pending.append((i, pool.submit(_prepare, path, content_hash, where, error)))
         if len(pending) >= window:
             j, future = pending.popleft()
             item, hashes[j] = future.result()

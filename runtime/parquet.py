@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -88,11 +88,13 @@ def features_table(
 STATUS_COLUMNS = ("id", "path", "sha256", "path_bytes", "width", "height", "bucket", "status")
 
 
-def split_status(table: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """(the rows whose status is ok, the others with STATUS_COLUMNS only)."""
+def split_status(table: pa.Table, carried: Iterable[str] = ()) -> tuple[pa.Table, pa.Table]:
+    """(the rows whose status is ok, the others with STATUS_COLUMNS and `carried` only: the
+    columns SOURCE gave them, `interactive index --columns`)."""
     ok = pc.equal(table["status"], "ok")
     failed = table.filter(pc.invert(ok))
-    return table.filter(ok), failed.select([c for c in table.column_names if c in STATUS_COLUMNS])
+    keep = set(STATUS_COLUMNS) | set(carried)
+    return table.filter(ok), failed.select([c for c in table.column_names if c in keep])
 
 
 def output_metadata(manifest: EngineManifest, run: dict[str, Any]) -> dict[bytes, bytes]:

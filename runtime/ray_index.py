@@ -4,7 +4,9 @@ Ray Data runs the two heavy stages: decoding and resizing in CPU tasks (`map_bat
 of paths), extraction in a pool of actors (`map_batches` with a callable class that opens the
 engine once; one GPU each when the cluster has GPUs). The job (this process, the driver) lists
 SOURCE and plans the shards (ids, numbers, removals) exactly as for the local executor; this
-executor sends the pending shards' paths through Ray, reassembles the result stream by (shard,
+executor sends the pending shards' paths (and where their bytes are: a URL, a tar member's byte
+range; read by the decoding task) through Ray, keeps SOURCE's carried columns (`--columns`, a
+tar sample's json/cls/txt) on the driver, reassembles the result stream by (shard,
 position) and hands each shard back to the job, which writes it, once all its rows have arrived:
 
 - a shard on disk is complete (temporary name + rename), so a rerun resumes like a local run
@@ -42,7 +44,9 @@ from .index import (
     ShardWork,
     prepare_input,
     shard_rows,
+    with_carried,
 )
+from .inputs import Where
 from .manifest import EngineManifest
 from .optional import optional_import
 
@@ -84,11 +88,13 @@ def _manifest(engine: str) -> EngineManifest:
 
 
 def decode_block(paths: pa.Table, engine: str, content_hash: bool = False) -> pa.Table:
-    """Decode and resize a block of (shard, position, id, path) rows; failures become `error`."""
+    """Decode and resize a block of (shard, position, id, path[, where, listing error]) rows
+    (_blocks); failures become `error`."""
     manifest = _manifest(engine)
     rows: dict[str, list[Any]] = {name: [] for name in DECODED.names}
-    for path in paths["path"].to_pylist():
-        item, digest = prepare_input(path, manifest, content_hash)
+    wheres, errors = _locations(paths)
+    for path, where, error in zip(paths["path"].to_pylist(), wheres, errors, strict=True):
+        item, digest = prepare_input(path, manifest, content_hash, where, error)
         values: tuple[Any, ...]
         if isinstance(item, PreparedImage):
             values = (item.pixels.tobytes(), item.width, item.height, *item.bucket, None)
@@ -101,6 +107,34 @@ def decode_block(paths: pa.Table, engine: str, content_hash: bool = False) -> pa
     for name in (SHARD, POSITION, "id"):
         rows[name] = paths[name].to_pylist()
     return pa.table(rows, schema=DECODED)
+
+
+LOCATION = ("url", "offset", "size", "header", "listing_error")  # block columns: where, error
+
+
+# What a decoding task is sent: where each row goes, its id and path, where its bytes are.
+BLOCK = pa.schema(
+    [
+        (SHARD, pa.int64()),
+        (POSITION, pa.int64()),
+        ("id", pa.string()),
+        ("path", pa.string()),
+        ("url", pa.string()),
+        ("offset", pa.int64()),
+        ("size", pa.int64()),
+        ("header", pa.int64()),
+        ("listing_error", pa.string()),
+    ]
+)
+
+
+def _locations(block: pa.Table) -> tuple[list[Where | None], list[str | None]]:
+    url, offset, size, header, error = (block[c].to_pylist() for c in LOCATION)
+    wheres = [
+        None if u is None else Where(u, o, n, h)
+        for u, o, n, h in zip(url, offset, size, header, strict=True)
+    ]
+    return wheres, error
 
 
 def _prepared(row: dict[str, Any]) -> PreparedImage | str:
@@ -159,10 +193,11 @@ class RayExecutor(Executor):
         self.backend, self.gpus_per_actor = backend, gpus_per_actor
 
     def run(self, work: ShardWork, shards: Iterable[Shard]) -> Results:
-        blocks, sizes = _blocks(shards, work.options)
+        carried: dict[int, pa.Table] = {}
+        blocks, sizes = _blocks(shards, work.options, carried)
         if not sizes:  # nothing to do: no Ray
             return
-        shelf = _Reassembly(sizes)
+        shelf = _Reassembly(sizes, carried)
         ray = ray_module()
         owned = not ray.is_initialized()
         if owned:
@@ -180,8 +215,8 @@ class RayExecutor(Executor):
 class _Reassembly:
     """Collects each shard's rows as they arrive (any order, retries too); whole shards out."""
 
-    def __init__(self, sizes: dict[int, int]) -> None:
-        self.sizes = sizes
+    def __init__(self, sizes: dict[int, int], carried: dict[int, pa.Table] | None = None) -> None:
+        self.sizes, self.carried = sizes, carried or {}
         self.pieces: dict[int, list[pa.Table]] = {k: [] for k in sizes}
         self.seen: dict[int, set[int]] = {k: set() for k in sizes}
 
@@ -197,7 +232,9 @@ class _Reassembly:
             self.pieces[k].append(part)
             if len(self.seen[k]) == self.sizes[k]:
                 table = pa.concat_tables(self.pieces.pop(k)).sort_by(POSITION)
-                yield k, table.drop_columns([SHARD, POSITION]).combine_chunks()
+                table = table.drop_columns([SHARD, POSITION]).combine_chunks()
+                # SOURCE's carried columns stayed on the driver
+                yield k, with_carried(table, self.carried.pop(k, None))
 
     @property
     def missing(self) -> list[int]:
@@ -205,14 +242,17 @@ class _Reassembly:
 
 
 def _blocks(
-    shards: Iterable[Shard], options: IndexOptions
+    shards: Iterable[Shard], options: IndexOptions, carried: dict[int, pa.Table]
 ) -> tuple[list[pa.Table], dict[int, int]]:
-    """Blocks of (shard, position, id, path) rows to send, and each pending shard's size."""
+    """Blocks of (shard, position, id, path[, LOCATION]) rows to send, and each pending shard's
+    size; each shard's carried columns into `carried`."""
     block_rows = options.batch_size * ENGINE_BATCHES_PER_RAY_BATCH
     blocks: list[pa.Table] = []
     sizes: dict[int, int] = {}
-    for k, paths, ids in shards:
+    for k, paths, ids, wheres, errors, extra in shards:
         sizes[k] = len(paths)
+        if extra is not None:
+            carried[k] = extra
         for start in range(0, len(paths), block_rows):
             end = min(start + block_rows, len(paths))
             columns: dict[str, list[Any]] = {
@@ -221,7 +261,13 @@ def _blocks(
                 "id": ids[start:end],
                 "path": paths[start:end],
             }
-            blocks.append(pa.table(columns))
+            part = wheres[start:end]
+            columns["url"] = [w.url if w else None for w in part]
+            columns["offset"] = [w.offset if w else None for w in part]
+            columns["size"] = [w.size if w else None for w in part]
+            columns["header"] = [w.header if w else None for w in part]
+            columns["listing_error"] = errors[start:end]
+            blocks.append(pa.table(columns, schema=BLOCK))
     return blocks, sizes
 
 

@@ -204,6 +204,31 @@ def test_a_killed_actor_leaves_every_input_exactly_once(
     assert_same_rows(table.sort_by("id"), reference.sort_by("id"))
 
 
+def test_ray_reads_tar_members_and_carries_columns_like_the_local_job(
+    ray_local: None, narrow_engine: Path, tmp_path: Path
+) -> None:
+    """A Parquet list of tar shards (one truncated) with --columns: same rows as locally."""
+    from test_tar import make_shard
+
+    for k in range(2):
+        make_shard(tmp_path / f"t{k}.tar", 10 * k, 3)
+    cut = (tmp_path / "t1.tar").read_bytes()
+    (tmp_path / "t1.tar").write_bytes(cut[: len(cut) // 2])
+    listing = pa.table({"path": ["t0.tar", "t1.tar"], "shard": [0, 1]})
+    pq.write_table(listing, tmp_path / "l.parquet")
+    options = IndexOptions(batch_size=2, shard_size=4, columns=["shard"])
+    tables = []
+    for name, executor in (("local", LocalExecutor(workers=0)), ("ray", RayExecutor())):
+        run_index(tmp_path / "l.parquet", narrow_engine, tmp_path / name, options, executor,
+                  progress=False)  # fmt: skip
+        tables.append(read_output(tmp_path / name))
+    got, want = tables
+    assert_same_rows(got, want)
+    for column in ("shard", "json", "cls", "txt"):
+        assert got[column].to_pylist() == want[column].to_pylist(), column
+    assert sum(s != "ok" for s in got["status"].to_pylist()) >= 1 and got["shard"][0].as_py() == 0
+
+
 def test_actors_must_leave_a_cpu_for_decoding(
     ray_local: None, narrow_engine: Path, collection: Path, tmp_path: Path
 ) -> None:
