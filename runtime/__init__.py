@@ -1,7 +1,8 @@
 """The runtime: numpy + onnxruntime + Pillow only (no torch unless a torch backend is asked for).
 
 `from interactive_features.runtime import Extractor` is the entry point, `index_job` runs
-`interactive index` from Python; submodules load lazily so that light commands
+`interactive index` from Python, `build_knn` and `KnnIndex` build and search a kNN index over its
+output (faiss, the `knn` extra); submodules load lazily so that light commands
 (`interactive buckets`) start fast.
 """
 
@@ -11,13 +12,17 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .api import Extractor, Features, index_job
+    from .knn import KnnIndex, SearchResults, build_knn
 
-__all__ = ["Extractor", "Features", "index_job"]
+# Each exported name -> the submodule defining it (imported on first use).
+_MODULES = {"Extractor": "api", "Features": "api", "index_job": "api",
+            "KnnIndex": "knn", "SearchResults": "knn", "build_knn": "knn"}  # fmt: skip
+__all__ = ["Extractor", "Features", "index_job", "KnnIndex", "SearchResults", "build_knn"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from . import api
+    if name in _MODULES:
+        from importlib import import_module
 
-        return getattr(api, name)
+        return getattr(import_module(f".{_MODULES[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
