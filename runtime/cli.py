@@ -692,7 +692,10 @@ def _add_knn(sub: argparse._SubParsersAction) -> None:
         help="columns a vector is made of (default: the --concat column, else every layer)",
     )  # fmt: skip
     b.add_argument("--index", default="auto", choices=KNN_INDEX_KINDS, help="index type")
-    b.add_argument("--memory", default="4G", type=_memory_arg, help="the index's memory budget")
+    b.add_argument(
+        "--memory", default="4G", type=_memory_arg,
+        help="memory budget: the index, and at most half of it for the training sample",
+    )  # fmt: skip
     b.add_argument("--overwrite", action="store_true", help="replace the index in KNN_DIR")
     b.set_defaults(check=_check_knn_layers)
 

@@ -408,6 +408,10 @@ def build_knn(
         built = faiss.index_factory(survey.dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
         if plan.kind == "hnsw":
             built.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        if plan.kind == "ivfpq":
+            # index_factory turns on polysemous training (codes ordered for Hamming filtering,
+            # which search never uses here): 4 s -> 0.15 s for IVF64,PQ16x6 on 4,000 vectors.
+            faiss.downcast_index(faiss.extract_index_ivf(built)).do_polysemous_training = False
         if plan.train_size:
             sample = _training_sample(survey, columns, plan.train_size)
             say(f"knn: training {plan.factory} on {len(sample)} vectors")
@@ -635,12 +639,15 @@ class KnnIndex:
             with open(directory / INDEX_FILE, "rb") as f:
                 index = faiss.read_index(faiss.PyCallbackIOReader(f.read))
             rows = read_table(directory / ROWS_FILE)
-        except (OSError, ValueError, RuntimeError) as err:
+            recorded = int(meta["counts"]["vectors"])
+            for key in ("columns", "dim", "made_with", "engine", "index"):
+                meta[key]  # noqa: B018 - every key search reads, checked once here
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
             raise KnnError(f"{knn_dir}: unreadable kNN directory ({_short(err)})") from err
-        if not index.ntotal == rows.num_rows == meta["counts"]["vectors"]:
+        if not index.ntotal == rows.num_rows == recorded:
             raise KnnError(
                 f"{knn_dir}: {INDEX_FILE} holds {index.ntotal} vectors, {ROWS_FILE} "
-                f"{rows.num_rows}, {META_FILE} says {meta['counts']['vectors']}: rebuild it"
+                f"{rows.num_rows}, {META_FILE} says {recorded}: rebuild it"
             )
         return cls(directory, meta, index, rows, engine)
 
