@@ -319,12 +319,39 @@ def _request(out: Path, **settings: object):
 
 
 def test_search_in_a_fresh_process(concat_knn: Path, photos: list[Path]) -> None:
-    """The real command, as a user runs it (FAISS and Arrow threads must not abort the exit)."""
-    command = [sys.executable, "-m", "interactive_features.runtime.cli", "search",
-               str(concat_knn), str(photos[5]), "-k", "2", "--json"]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    """The real command in its own interpreter: it exits cleanly (FAISS's and Arrow's threads
+    must not abort the exit) and never imports torch."""
+    code = f"""
+import sys
+from interactive_features.runtime.cli import main
+code = main(["search", {str(concat_knn)!r}, {str(photos[5])!r}, "-k", "2", "--json"])
+bad = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "onnx"))
+assert not bad, bad
+sys.exit(code)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
     assert result.returncode == EXIT_OK, result.stderr
     assert json.loads(result.stdout.splitlines()[0])["path"] == str(photos[5])
+
+
+def test_build_from_an_extract_file(
+    narrow_engine: Path, photos: list[Path], tmp_path: Path
+) -> None:
+    """An `extract` file: every layer, its failed row inline (skipped and counted), no ids (the
+    path is the key of --by-id)."""
+    from interactive_features.runtime.extract import extract_to_parquet
+
+    target = tmp_path / "features.parquet"
+    broken = str(photos[0].parent / "broken.jpg")
+    extract_to_parquet(narrow_engine, [*map(str, photos[:3]), broken], target)
+    result = build_knn(target, tmp_path / "k")
+    assert (result.vectors, result.skipped_rows, result.failed_rows) == (3, 1, 0)
+    with KnnIndex.open(tmp_path / "k") as knn:
+        assert knn.meta["columns"] == EngineManifest.load(narrow_engine).layers
+        hit = knn.search_ids([str(photos[1])], k=1).hits(0)[0]
+        assert hit.path == str(photos[1]) and hit.id is None
+        assert knn.search([str(photos[2])], k=1).hits(0)[0].path == str(photos[2])
 
 
 # --- choosing the index, and the approximate ones against the exact one ------------------------
@@ -424,7 +451,7 @@ def test_by_id_on_an_ivf_index(synthetic_outdir: Path, tmp_path: Path) -> None:
         assert results.scores[0, 0] == pytest.approx(1.0, abs=1e-5)
 
 
-def test_pq_not_in_rows_table() -> None:
+def test_rows_schema() -> None:
     """rows.parquet's schema is what the docs say (id, path, path_bytes, shard)."""
     from interactive_features.runtime.knn import ROWS_SCHEMA
 
