@@ -182,6 +182,9 @@ def choose_index(n: int, d: int, memory: int, kind: str = "auto") -> IndexPlan:
         if fitting:
             return fitting[0]
         kind = "ivfpq"  # the smallest: let its own check say what is missing
+    fewest = {"ivf": MIN_POINTS_PER_CENTROID, "ivfpq": 2 * MIN_POINTS_PER_CENTROID}.get(kind, 0)
+    if n < fewest:  # k-means needs that many points (1 list; 2 centroids per sub-quantizer)
+        raise KnnError(f"an {kind} index needs at least {fewest} vectors, there are {n}: use flat")
     plan = {"flat": lambda: flat, "ivf": lambda: _ivf(n, d, memory),
             "hnsw": lambda: _hnsw(n, d, memory, forced=True),
             "ivfpq": lambda: _ivfpq(n, d, memory)}[kind]()  # fmt: skip

@@ -385,6 +385,8 @@ def test_choose_index_rule() -> None:
     # A forced type that cannot fit is refused, naming the budget.
     with pytest.raises(KnnError, match="over the memory budget"):
         choose_index(1_000_000, 6848, memory, "flat")
+    with pytest.raises(KnnError, match="needs at least 39 vectors, there are 6: use flat"):
+        choose_index(6, 544, memory, "ivf")
 
 
 def _clustered(n: int, d: int, seed: int) -> np.ndarray:
