@@ -375,10 +375,10 @@ def test_choose_index_rule() -> None:
     ivf = choose_index(100_000, 512, parse_memory("200M"))
     assert ivf.factory == "IVF1024,Flat" and ivf.search == {"nprobe": 128}
     assert ivf.train_size == 100 * 2**20 // (4 * 512)
-    # A million full-width concatenations: quantized, OPQ, an HNSW coarse quantizer, the lists
-    # lowered so that the sample (2 GiB of 4) trains 39 vectors per list.
+    # A million full-width concatenations: quantized (m divides 6848 = 2^6 x 107), an HNSW
+    # coarse quantizer, the lists lowered so that the sample (2 GiB of 4) has 39 per list.
     pq = choose_index(1_000_000, 6848, memory)
-    assert pq.factory == "OPQ256_1792,IVF1024_HNSW32,PQ256x8", pq
+    assert pq.factory == "IVF1024_HNSW32,PQ214x8", pq
     assert pq.train_size == 2 * 2**30 // (4 * 6848) >= 39 * 1024
     assert pq.estimated_bytes <= memory
     assert pq.search == {"nprobe": 128, "quantizer_efSearch": 256}
