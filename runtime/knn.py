@@ -49,7 +49,14 @@ from .locks import exclusive_lock
 from .manifest import EngineManifest, package_version
 from .optional import optional_import
 from .parquet import features_table, parquet_file, read_table
-from .vectors import failed_rows, feature_files, file_vectors, table_vectors, vector_columns
+from .vectors import (
+    VectorBatch,
+    failed_rows,
+    feature_files,
+    file_vectors,
+    table_vectors,
+    vector_columns,
+)
 
 if TYPE_CHECKING:
     from .api import Extractor
@@ -478,25 +485,24 @@ def _add_shards(
             skipped += missing
             if len(batch.vectors):
                 built.add(batch.vectors)
-            n = len(batch.paths)
-            shard = part.name
-            w.write_table(
-                pa.table(
-                    {
-                        "id": pa.array(batch.ids if batch.ids is not None else [None] * n,
-                                       pa.string()),
-                        "path": pa.array(batch.paths, pa.string()),
-                        "path_bytes": pa.array(batch.path_bytes or [None] * n, pa.binary()),
-                        "shard": pa.array([shard] * n, pa.string()),
-                    },
-                    schema=ROWS_SCHEMA,
-                )
-            )  # fmt: skip
-            added += n
+            w.write_table(_rows_table(batch, part.name))
+            added += len(batch.paths)
             if time.monotonic() - last > 10 or i + 1 == len(survey.files):
                 say(f"knn: added {added}/{total} vectors ({i + 1}/{len(survey.files)} shards)")
                 last = time.monotonic()
     return added, skipped
+
+
+def _rows_table(batch: VectorBatch, shard: str) -> pa.Table:
+    """rows.parquet's rows for one file's vectors, in their order."""
+    n = len(batch.paths)
+    columns = {
+        "id": batch.ids if batch.ids is not None else [None] * n,
+        "path": batch.paths,
+        "path_bytes": batch.path_bytes or [None] * n,
+        "shard": [shard] * n,
+    }
+    return pa.table(columns, schema=ROWS_SCHEMA)
 
 
 def write_index(built: Any, target: Path) -> None:
