@@ -31,7 +31,7 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[export,test,bench,viz,ray,heic,eval,remote]'
+	$(BIN)/pip install --quiet -e '.[export,test,bench,viz,ray,heic,eval,remote,knn]'
 	# tensorrt-stubs declares a dependency on tensorrt itself, which PyPI cannot serve here.
 	$(BIN)/pip install --quiet --no-deps tensorrt-stubs
 	touch $@

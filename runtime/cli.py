@@ -310,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_index(sub)
     _add_viz(sub)
     _add_eval(sub)
+    _add_knn(sub)
+    _add_search(sub)
     _add_bench(sub)
     return parser
 
@@ -870,6 +872,138 @@ def _run_eval(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
     return EXIT_PARTIAL if incomplete else EXIT_OK
+
+
+# The index kinds of `interactive knn build` (runtime/knn.INDEX_KINDS; spelled here so that the
+# parser does not import faiss's side of the package: a test keeps them equal).
+KNN_INDEX_KINDS = ("auto", "flat", "ivf", "hnsw", "ivfpq")
+
+
+def _add_knn(sub: argparse._SubParsersAction) -> None:
+    p = _command(
+        sub,
+        _run_knn,
+        "knn",
+        help="a FAISS kNN index over an index OUTDIR (needs faiss)",
+        description="Build a FAISS inner-product (cosine) index over the vectors of an index "
+        "OUTDIR: each layer L2-normalised, side by side, the whole normalised.",
+    )
+    actions = p.add_subparsers(dest="knn_action", required=True, metavar="ACTION")
+    b: argparse.ArgumentParser = actions.add_parser(
+        "build", parents=[COMMON], formatter_class=HelpFormatter,
+        help="build KNN_DIR from INDEX_DIR",
+        description="Count INDEX_DIR's vectors from the Parquet footers, choose an index from "
+        "their number, dimension and --memory (auto: exact below 10,000 vectors, else HNSW, IVF "
+        "or IVF-PQ, whichever fits first), train it on a bounded sample, add the shards one by "
+        "one (failed rows skipped and counted), and write KNN_DIR/knn.faiss, rows.parquet (faiss "
+        "row -> id, path, shard) and knn.json.",
+    )  # fmt: skip
+    b.set_defaults(command_parser=b)
+    b.add_argument(
+        "index_dir", type=Path, metavar="INDEX_DIR", help="an `interactive index` OUTDIR"
+    )
+    b.add_argument("-o", "--output", required=True, type=Path, help="kNN directory (KNN_DIR)")
+    b.add_argument(
+        "--layers", type=layers_arg,
+        help="columns a vector is made of (default: the --concat column, else every layer)",
+    )  # fmt: skip
+    b.add_argument("--index", default="auto", choices=KNN_INDEX_KINDS, help="index type")
+    b.add_argument(
+        "--memory", default="4G", type=_memory_arg,
+        help="memory budget: the index, and at most half of it for the training sample",
+    )  # fmt: skip
+    b.add_argument("--overwrite", action="store_true", help="replace the index in KNN_DIR")
+    b.set_defaults(check=_check_knn_layers)
+
+
+def _memory_arg(text: str) -> str:
+    from .knn import parse_memory
+
+    try:
+        parse_memory(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def _check_knn_layers(args: argparse.Namespace) -> None:
+    """--layers against INDEX_DIR's feature columns (bad usage, exit 2); an INDEX_DIR that cannot
+    be read is left for the command itself (exit 1)."""
+    if not args.layers:
+        return
+    from .vectors import feature_columns
+
+    try:
+        available = feature_columns(args.index_dir)
+    except Exception:
+        return
+    unknown = [t for t in comma_list(args.layers) if t not in available]
+    if unknown:
+        raise UsageError(
+            f"--layers {', '.join(unknown)}: not a column of {args.index_dir} "
+            f"({', '.join(available)})"
+        )
+
+
+def _run_knn(args: argparse.Namespace) -> int:
+    from .knn import build_knn
+
+    result = build_knn(
+        args.index_dir, args.output, layers=comma_list(args.layers) if args.layers else None,
+        index=args.index, memory=args.memory, overwrite=args.overwrite, say=progress_line,
+    )  # fmt: skip
+    print(result.line())
+    return EXIT_OK
+
+
+def _add_search(sub: argparse._SubParsersAction) -> None:
+    p = _command(
+        sub,
+        _run_search,
+        "search",
+        help="the nearest neighbours of images (or of indexed ids) in a kNN index",
+        description="Search KNN_DIR (made by `interactive knn build`) with QUERY images, "
+        "extracted with the engine the index was built from (or --engine DIR, which must be the "
+        "same engine), or with --by-id, ids of rows already in the index. Prints query, rank, "
+        "score (cosine), path and id per hit.",
+    )
+    p.add_argument("knn_dir", type=Path, metavar="KNN_DIR")
+    p.add_argument("queries", nargs="+", metavar="QUERY", help="image files (ids with --by-id)")
+    p.add_argument("--engine", type=Path, help="engine directory (default: the recorded one)")
+    p.add_argument("-k", type=positive_int, default=10, help="neighbours per query")
+    p.add_argument("--json", action="store_true", help="one JSON object per hit")
+    p.add_argument("--sheet", type=_png_arg, help="also draw a contact sheet PNG", metavar="PNG")
+    p.add_argument("--by-id", action="store_true", help="QUERY are ids of indexed rows")
+
+
+def _png_arg(text: str) -> Path:
+    if not text.lower().endswith(".png"):
+        raise argparse.ArgumentTypeError(f"expected a .png file name, got {text!r}")
+    return Path(text)
+
+
+def _run_search(args: argparse.Namespace) -> int:
+    from .knn import KnnIndex
+    from .search import json_lines, save_contact_sheet, table_lines
+
+    with KnnIndex.open(args.knn_dir, engine=args.engine) as knn:
+        if args.by_id:
+            results = knn.search_ids(args.queries, args.k)
+            images: list[object | None] = [knn.file_of(q) for q in args.queries]
+        else:
+            knn.extractor()  # the engine is checked before any image is read
+            results = knn.search(args.queries, args.k)
+            images = list(args.queries)
+    for i in sorted(results.errors):
+        print(f"interactive search: error: {error_line(ValueError(results.errors[i]))}",
+              file=sys.stderr)  # fmt: skip
+    if len(results.errors) == len(results):
+        return EXIT_FATAL
+    for line in json_lines(results) if args.json else table_lines(results):
+        print(line)
+    if args.sheet:
+        print(f"wrote {save_contact_sheet(results, images, args.k, args.sheet)}", file=sys.stderr)
+    return EXIT_PARTIAL if results.errors else EXIT_OK
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:

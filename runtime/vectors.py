@@ -32,11 +32,13 @@ CONCAT_COLUMN = "features"
 @dataclass(frozen=True)
 class VectorBatch:
     """One file's usable rows: ids (None for an `extract` file, which has no id column), display
-    paths, and float32 [N, D] vectors of unit L2 norm."""
+    paths, float32 [N, D] vectors of unit L2 norm, and the `path_bytes` column."""
 
     ids: list[str] | None
     paths: list[str]
     vectors: np.ndarray
+    # The exact bytes of names that are not valid UTF-8 (runtime/parquet.py), else None.
+    path_bytes: list[bytes | None] | None = None
 
 
 def feature_files(source: str | os.PathLike[str]) -> list[Path]:
@@ -96,15 +98,26 @@ def iter_vectors(
 ) -> Iterator[tuple[VectorBatch, int]]:
     """(one file's vectors, how many of its rows had no features), file by file."""
     for part in feature_files(source):
-        table = read_table(part)
-        names = table.column_names
-        kept = usable_rows(table, columns)
-        batch = VectorBatch(
-            ids=kept["id"].to_pylist() if "id" in names else None,
-            paths=kept["path"].to_pylist(),
-            vectors=table_vectors(kept, columns),
-        )
-        yield batch, table.num_rows - kept.num_rows
+        yield file_vectors(part, columns)
+
+
+def file_vectors(part: str | os.PathLike[str], columns: Sequence[str]) -> tuple[VectorBatch, int]:
+    """One feature file's usable rows as vectors, and how many of its rows had no features.
+    Reads only the columns it needs (not the heatmaps)."""
+    with open(part, "rb") as f:
+        reader = parquet_file(f)
+        present = reader.schema_arrow.names
+        wanted = [c for c in ("id", "path", "path_bytes", "status") if c in present]
+        table = reader.read(columns=[*wanted, *columns], use_threads=False)
+    names = table.column_names
+    kept = usable_rows(table, columns)
+    batch = VectorBatch(
+        ids=kept["id"].to_pylist() if "id" in names else None,
+        paths=kept["path"].to_pylist(),
+        vectors=table_vectors(kept, columns),
+        path_bytes=kept["path_bytes"].to_pylist() if "path_bytes" in names else None,
+    )
+    return batch, table.num_rows - kept.num_rows
 
 
 def usable_rows(table: pa.Table, columns: Sequence[str]) -> pa.Table:
