@@ -89,6 +89,23 @@ class EngineManifest:
         return ExportSettings.from_identity(self.data["export"])
 
     @property
+    def winograd(self) -> dict[str, dict[str, str]]:
+        """{unit: {"forward" | "backward": "f2" | "f4"}}: the 3x3 steps this engine's graphs
+        write as Winograd convolutions (export --conv); empty for an all-direct engine."""
+        return {unit: dict(steps) for unit, steps in self.data.get("winograd", {}).items()}
+
+    def direct_convolutions_reason(self, what: str) -> str | None:
+        """Why `what` (a GPU backend, a TensorRT build) cannot take this engine's graphs, or None:
+        Winograd graphs are for the CPU; GPUs run their own convolution algorithms."""
+        if not self.winograd:
+            return None
+        return (
+            f"{what} takes direct convolutions, and {self.directory} writes "
+            f"{len(self.winograd)} layers as Winograd (exported with --conv "
+            f"{self.settings.conv}, for CPU engines): export it again with --conv direct"
+        )
+
+    @property
     def layers(self) -> list[str]:
         return [layer["name"] for layer in self.data["layers"]]
 
