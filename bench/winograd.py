@@ -8,6 +8,12 @@ float64 convolution.
     python -m interactive_features.bench.winograd --bucket 512x512 --reps 5 --json out.json
 
 The table it prints (markdown) is what the `auto` plan of export/winograd.py was chosen from.
+
+    python -m interactive_features.bench.winograd --engines DIRECT_DIR WINOGRAD_DIR --reps 5
+
+times two engines (the same network exported with `--conv direct` and `--conv auto`) on one
+bucket through the runtime's `ort` backend, interleaved in one process, beside the measured fp32
+matmul rate (bench/machine.py) and the cost model's GFLOP (bench/cost.py).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from interactive_features.export.exporter import OPSET
@@ -177,6 +184,79 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def compare_engines(
+    engines: list[Path], bucket: tuple[int, int], reps: int, threads: int
+) -> dict[str, Any]:
+    """Seconds per image of each engine at `bucket`, batch 1, interleaved (median of reps), the
+    speed-up of each over the first, GFLOP/s over the cost model and the fraction of the
+    measured fp32 matmul rate."""
+    from interactive_features.bench.cost import cost_per_image
+    from interactive_features.bench.machine import machine_info, matmul_rates, peak_rate
+    from interactive_features.export.spec import engine_spec
+    from interactive_features.runtime.backends import open_backend
+    from interactive_features.runtime.manifest import EngineManifest
+
+    manifests = [EngineManifest.load(e) for e in engines]
+    backends = [open_backend(m, "ort", threads=threads) for m in manifests]
+    image = np.random.default_rng(0).integers(0, 256, (1, bucket[1], bucket[0], 3), np.uint8)
+    outputs = [b.run(bucket, image) for b in backends]  # warm-up (and the outputs compared)
+    times: list[list[float]] = [[] for _ in engines]
+    rates = matmul_rates("cpu", ("fp32",))
+    for _ in range(reps):
+        for k, backend in enumerate(backends):
+            started = time.perf_counter()
+            backend.run(bucket, image)
+            times[k].append(time.perf_counter() - started)
+    rates_after = matmul_rates("cpu", ("fp32",))
+    peak = max(peak_rate(rates, "fp32") or 0.0, peak_rate(rates_after, "fp32") or 0.0)
+    gflop = cost_per_image(engine_spec(manifests[0]), bucket).flop / 1e9
+    rows = []
+    for k, m in enumerate(manifests):
+        median = statistics.median(times[k])
+        ratios = [a / b for a, b in zip(times[0], times[k], strict=True)]
+        diff = max(
+            float(np.linalg.norm(outputs[k][n] - outputs[0][n]) / np.linalg.norm(outputs[0][n]))
+            for n in m.layers
+        )
+        rows.append(
+            {
+                "engine": str(m.directory),
+                "conv": m.settings.conv,
+                "winograd_units": len(m.winograd),
+                "seconds": median,
+                "speedup_vs_first": statistics.median(ratios),
+                "gflops": gflop / median,
+                "of_matmul": gflop / median / peak if peak else None,
+                "max_rel_diff_vs_first": diff,
+            }
+        )
+    for backend in backends:
+        backend.close()
+    return {
+        "bucket": list(bucket),
+        "reps": reps,
+        "gflop_per_image": gflop,
+        "matmul": {"before": rates, "after": rates_after},
+        "machine": machine_info(),
+        "engines": rows,
+    }
+
+
+def engines_markdown(result: dict[str, Any]) -> str:
+    lines = [
+        "| engine | conv | Winograd units | s/image | vs first | GFLOP/s | of matmul | max diff |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["engines"]:
+        of = f"{r['of_matmul']:.2f}" if r["of_matmul"] is not None else "-"
+        lines.append(
+            f"| {r['engine']} | {r['conv']} | {r['winograd_units']} | {r['seconds']:.3f} "
+            f"| {r['speedup_vs_first']:.2f}x | {r['gflops']:.0f} | {of} "
+            f"| {r['max_rel_diff_vs_first']:.1e} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m interactive_features.bench.winograd")
     parser.add_argument("--bucket", default="512x512")
@@ -185,8 +265,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--units", default="", help="comma-separated units (default: all)")
     parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument("--engines", nargs="+", type=Path, help="time these engines instead")
     args = parser.parse_args(argv)
     bucket = parse_size(args.bucket)
+    if args.engines:
+        result = compare_engines(args.engines, bucket, args.reps, args.threads)
+        print(engines_markdown(result))
+        print(f"matmul GFLOP/s: {result['matmul']}")
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1))
+        return 0
     spec = FeatureSpec(arch=args.arch)
     wanted = {u for u in args.units.split(",") if u}
     steps = [s for s in conv_steps(spec, bucket) if not wanted or s.unit in wanted]
