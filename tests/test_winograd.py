@@ -167,3 +167,29 @@ def test_graph_module_matches_direct_graph(narrow_state_dict) -> None:
             got = dict(zip(spec.output_names(), graph(image), strict=True))
         report = conformance_report({k: v.numpy() for k, v in got.items()}, want, "fp32")
         assert report.ok, (mode, report.summary())
+
+
+def test_bench_times_a_winograd_engine_beside_its_direct_twin(winograd_engine, tmp_path: Path):
+    """`interactive bench`'s engine-direct peer: the same engine exported with --conv direct,
+    timed in the same backend and run, judged against the reference, and the ratio reported."""
+    mode, out = winograd_engine
+    if mode != "f4":
+        pytest.skip("one bench run is enough")
+    from interactive_features.bench.harness import main as bench_main
+    from interactive_features.bench.report import markdown
+
+    argv = ["--engine", str(out), "--buckets", BUCKET, "--reps", "2", "--out", str(tmp_path)]
+    argv += ["--cache", str(tmp_path / "cache"), "--threads", "2", "--backends", "ort"]
+    argv += ["--peers", "reference,engine-direct", "--no-plots"]
+    assert bench_main(argv) == 0
+    (json_file,) = tmp_path.glob("bench-*.json")
+    run = json.loads(json_file.read_text())
+    cases = {c["variant"]: c for c in run["cases"] if c.get("backend") == "ort"}
+    assert set(cases) == {"interactive", "direct"}
+    direct = EngineManifest.load(cases["direct"]["engine"])
+    assert direct.settings.conv == "direct" and direct.winograd == {}
+    for case in cases.values():
+        assert case["status"] == "ok" and case["conformance"]["ok"] is True
+    assert cases["interactive"]["ratios"]["vs_direct"] > 0
+    text = markdown(run)
+    assert "ort direct-conv" in text and "x the direct-convolution engine" in text
