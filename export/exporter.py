@@ -42,7 +42,7 @@ from interactive_features.runtime.manifest import (
     package_version,
     write_manifest,
 )
-from interactive_features.runtime.settings import ExportSettings
+from interactive_features.runtime.settings import LEGACY_IDENTITY, ExportSettings
 
 from .graph import AnalyticGraph, backward_convs, buffer_key
 from .reference import IMAGENET_MEAN, IMAGENET_STD, reference_features
@@ -247,7 +247,8 @@ def _load_or_start(
 ) -> dict[str, Any]:
     if (out / MANIFEST_FILE).exists():
         manifest = EngineManifest.load(out).data
-        mine, theirs = request.settings.identity(), manifest["export"]
+        # settings newer than the manifest: the value its engine was made with (LEGACY_IDENTITY)
+        mine, theirs = request.settings.identity(), {**LEGACY_IDENTITY, **manifest["export"]}
         different = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
         if different:
             detail = ", ".join(f"{k}: {a!r} there, {b!r} asked" for k, (a, b) in different.items())

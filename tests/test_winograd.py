@@ -193,3 +193,22 @@ def test_bench_times_a_winograd_engine_beside_its_direct_twin(winograd_engine, t
     assert cases["interactive"]["ratios"]["vs_direct"] > 0
     text = markdown(run)
     assert "ort direct-conv" in text and "x the direct-convolution engine" in text
+
+
+def test_an_engine_from_before_conv_is_direct_and_takes_more_buckets(narrow_engine, tmp_path):
+    """A manifest without `export.conv` and `winograd` (written before the option) reads as
+    `--conv direct`; adding a bucket asks for that, and the refusal names it otherwise."""
+    import shutil
+
+    engine = tmp_path / "old"
+    shutil.copytree(narrow_engine, engine)
+    data = json.loads((engine / "manifest.json").read_text())
+    del data["export"]["conv"], data["winograd"]
+    (engine / "manifest.json").write_text(json.dumps(data))
+    manifest = EngineManifest.load(engine)
+    assert manifest.settings.conv == "direct" and manifest.winograd == {}
+    assert "--conv direct" in manifest.export_command([(288, 256)])
+    with pytest.raises(EngineError, match="conv: 'direct' there, 'auto' asked"):
+        export_engine(narrow_request(engine, "288x256", heatmaps=True), log=print)
+    export_engine(narrow_request(engine, "288x256", heatmaps=True, conv="direct"), log=print)
+    assert (288, 256) in EngineManifest.load(engine).buckets
