@@ -124,24 +124,32 @@ def winograd_conv3x3(
 
 # The `auto` plan: which steps are written as Winograd, from `python -m
 # interactive_features.bench.winograd --bucket 512x512` (bench/RESULTS.md, "Winograd"). Measured
-# on one machine class: AMD EPYC, 2 threads, AVX-512, onnxruntime 1.32 CPU. A step (a forward
-# conv, or a backward flipped-kernel conv) of c_in -> c_out channels qualifies when both are at
-# least AUTO_MIN_CHANNELS: at 256 channels and 128x128 maps the transforms' memory passes cost
-# more than the 2.25-4x fewer multiplies save; from 512 channels on, F(4,3) wins.
+# on one machine class: AMD EPYC, 2 threads, AVX-512, onnxruntime 1.32 CPU. A backward step (the
+# flipped-kernel conv) of c_in -> c_out channels qualifies when both are at least
+# AUTO_MIN_CHANNELS: at 256 channels and 128x128 maps the transforms' memory passes cost more than
+# the 2.25-4x fewer multiplies save; from 512 channels on, F(4,3) wins (1.3-1.7x).
+# Forward steps stay direct: Winograd's rounding differs between the positions of a tile, so equal
+# activations (flat image regions) stop being equal and the 2x2 pools' first-maximum switches and
+# the ReLU masks move away from the reference's (full-width features 7e-4 from the reference with
+# forward Winograd, 3e-7 with backward-only, as with none). The backward is linear in the
+# gradient and its masks and switches come from the forward maps, so it stays exact.
 AUTO_MIN_CHANNELS = 512
 AUTO_TILE = "f4"
+AUTO_DIRECTIONS = ("backward",)
 AUTO_MACHINE = "AMD EPYC, 2 threads, AVX-512, onnxruntime 1.32 CPU"
 
 
-def _auto_mode(c_in: int, c_out: int) -> str:
-    return AUTO_TILE if min(c_in, c_out) >= AUTO_MIN_CHANNELS else "direct"
+def _auto_mode(direction: str, c_in: int, c_out: int) -> str:
+    wins = direction in AUTO_DIRECTIONS and min(c_in, c_out) >= AUTO_MIN_CHANNELS
+    return AUTO_TILE if wins else "direct"
 
 
 def conv_plan(spec: FeatureSpec, conv: str, backward: list[int]) -> dict[str, dict[str, str]]:
     """{unit: {"forward": mode, "backward": mode}} for the 3x3 convs written as Winograd, by the
     export setting `conv` (runtime/settings.py CONV_MODES): `direct` none, `f2`/`f4` every 3x3
-    step, `auto` the measured rule above. `backward`: the units whose backward step the graph
-    runs (export/graph.py backward_convs). Units with no Winograd step are left out."""
+    step, `auto` the measured rule above (backward steps only). `backward`: the units whose
+    backward step the graph runs (export/graph.py backward_convs). Units with no Winograd step
+    are left out."""
     plan: dict[str, dict[str, str]] = {}
     if conv == "direct":
         return plan
@@ -151,7 +159,7 @@ def conv_plan(spec: FeatureSpec, conv: str, backward: list[int]) -> dict[str, di
         steps = {"forward": (u.in_channels, u.out_channels)}
         if i in backward:
             steps["backward"] = (u.out_channels, u.in_channels)
-        modes = {d: conv if conv in TILES else _auto_mode(*ch) for d, ch in steps.items()}
+        modes = {d: conv if conv in TILES else _auto_mode(d, *ch) for d, ch in steps.items()}
         modes = {d: mode for d, mode in modes.items() if mode != "direct"}
         if modes:
             plan[u.name] = modes

@@ -63,9 +63,10 @@ def test_plans() -> None:
     assert len(every) == 13 and every["conv-1-1"] == {"forward": "f4"}
     assert every["conv-2-2"] == {"forward": "f4", "backward": "f4"}
     auto = conv_plan(full, "auto", backward_convs(full))
-    # 512 channels in and out: conv-4-2 on; conv-4-1 (256 -> 512 and back) and above stay direct
+    # backward steps of 512 channels in and out: conv-4-1 (512 -> 256) stays direct, and every
+    # forward step (their rounding would move the pools' switches on ties)
     assert set(auto) == {"conv-4-2", "conv-4-3", "conv-5-1", "conv-5-2", "conv-5-3"}
-    assert auto["conv-5-3"] == {"forward": "f4", "backward": "f4"}
+    assert all(steps == {"backward": "f4"} for steps in auto.values())
 
 
 def test_conv_setting_round_trips_through_the_command_line_and_the_manifest() -> None:
