@@ -324,6 +324,12 @@ def _check_manifest(data: dict[str, Any]) -> None:
         ExportSettings.from_identity(export)
     except (TypeError, ValueError) as err:
         raise _Invalid("export", str(err)) from None
+    if "winograd" in data:  # {unit: {"forward" | "backward": "f2" | "f4"}}
+        for unit in _get(data, "", "winograd", dict):
+            for step, mode in _get(data["winograd"], "winograd", unit, dict).items():
+                if step not in ("forward", "backward") or mode not in ("f2", "f4"):
+                    where = _key(_key("winograd", unit), step)
+                    raise _Invalid(where, f"expected forward/backward: f2 or f4, got {mode!r:.20}")
     if "heatmaps" in data:
         _get(data, "", "heatmaps", bool)
     tensorrt = data.get("tensorrt")

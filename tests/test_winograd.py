@@ -213,3 +213,15 @@ def test_an_engine_from_before_conv_is_direct_and_takes_more_buckets(narrow_engi
         export_engine(narrow_request(engine, "288x256", heatmaps=True), log=print)
     export_engine(narrow_request(engine, "288x256", heatmaps=True, conv="direct"), log=print)
     assert (288, 256) in EngineManifest.load(engine).buckets
+
+
+def test_a_malformed_winograd_record_is_refused(narrow_engine, tmp_path):
+    import shutil
+
+    engine = tmp_path / "bad"
+    shutil.copytree(narrow_engine, engine)
+    data = json.loads((engine / "manifest.json").read_text())
+    data["winograd"] = {"conv-5-1": {"backward": "f6"}}
+    (engine / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(EngineError, match=r"winograd.conv-5-1.backward: expected"):
+        EngineManifest.load(engine)
