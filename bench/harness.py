@@ -29,6 +29,7 @@ from interactive_features.bench.judge import add_conformance, nonconforming
 from interactive_features.bench.machine import gpu_name, machine_info
 from interactive_features.bench.measure import describe, measure, thread_env
 from interactive_features.bench.plan import (
+    ensure_direct_engine,
     ensure_forward_engine,
     matmul_case,
     plan_cases,
@@ -98,6 +99,10 @@ def run_benchmark(
     if "engine-forward" in settings["peers"]:
         forward_engine = ensure_forward_engine(manifest, settings["buckets"], args.cache, log)
     settings["forward_engine"] = str(forward_engine) if forward_engine else None
+    direct_engine = None
+    if "engine-direct" in settings["peers"]:
+        direct_engine = ensure_direct_engine(manifest, settings["buckets"], args.cache, log)
+    settings["direct_engine"] = str(direct_engine) if direct_engine else None
     files = {}
     if "e2e" in settings["modes"]:
         inputs = args.out / "inputs"
@@ -111,10 +116,11 @@ def run_benchmark(
         "command": shlex.join(["interactive", "bench", *argv]),
         "settings": settings,
         "machine": machine_info() | {"gpu": gpu_name() if args.device == "cuda" else None},
-        "engine": {k: manifest.data[k] for k in ("arch", "width_div", "config", "p", "export")},
+        "engine": {k: manifest.data[k] for k in ("arch", "width_div", "config", "p", "export")}
+        | {"winograd": manifest.winograd},
     }
     run["cost"] = costs(manifest, settings["buckets"])
-    cases = plan_cases(settings, manifest, forward_engine, files, outputs)
+    cases = plan_cases(settings, manifest, forward_engine, files, outputs, direct_engine)
     env = thread_env(settings["threads"])
     probe = matmul_case(settings) | {"precisions": settings["precisions"]}
     matmul = measure(probe, env, args.timeout, log)

@@ -16,11 +16,14 @@ from typing import Any
 import numpy as np
 from interactive_features.runtime.conformance import conformance_report
 
-REFERENCE_PEER = {"interactive": "reference", "forward": "torch-forward"}
+REFERENCE_PEER = {"interactive": "reference", "forward": "torch-forward", "direct": "reference"}
+# The direct-convolution twin computes the InterActive outputs: judged against `reference`.
+OUTPUTS_OF = {"direct": "interactive"}
 
 
 def reference_key(case: dict[str, Any]) -> tuple[Any, ...]:
-    return (case["mode"], tuple(case["bucket"]), case["batch"], case["device"], case["variant"])
+    variant = OUTPUTS_OF.get(case["variant"], case["variant"])
+    return (case["mode"], tuple(case["bucket"]), case["batch"], case["device"], variant)
 
 
 def load_outputs(case: dict[str, Any]) -> dict[str, np.ndarray]:

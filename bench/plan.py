@@ -32,9 +32,26 @@ def ensure_forward_engine(
     manifest: EngineManifest, buckets: list[list[int]], cache: Path | None, log: Any
 ) -> Path:
     """Export (once, into the cache) the forward-only engine for the same weights and layers."""
+    return ensure_twin_engine(forward_settings(manifest), buckets, cache, log, "forward-only")
+
+
+def ensure_direct_engine(
+    manifest: EngineManifest, buckets: list[list[int]], cache: Path | None, log: Any
+) -> Path | None:
+    """Export (once, into the cache) the engine's all-direct twin (`--conv direct`): the engine
+    a Winograd engine is measured against. None when the engine has no Winograd step."""
+    if not manifest.winograd:
+        return None
+    settings = manifest.settings.replace(conv="direct")
+    return ensure_twin_engine(settings, buckets, cache, log, "direct-convolution")
+
+
+def ensure_twin_engine(
+    settings: ExportSettings, buckets: list[list[int]], cache: Path | None, log: Any, what: str
+) -> Path:
+    """Export (once, into the cache, keyed by the settings) an engine the run compares with."""
     from interactive_features.export.exporter import ExportRequest, export_engine
 
-    settings = forward_settings(manifest)
     identity = settings.identity()
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     root = cache or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "interactive"
@@ -42,7 +59,7 @@ def ensure_forward_engine(
     request = ExportRequest(
         out=out, settings=settings, buckets=",".join(format_size(tuple(b)) for b in buckets)
     )
-    export_engine(request, log=lambda line: log(f"forward-only engine: {line}"))
+    export_engine(request, log=lambda line: log(f"{what} engine: {line}"))
     return out
 
 
@@ -69,6 +86,7 @@ def plan_cases(
     forward_engine: Path | None,
     files: dict[str, list[str]],
     outputs: Path,
+    direct_engine: Path | None = None,
 ) -> list[Case]:
     """Every case of the run in order. A backend or peer case that runs saves its last call's
     outputs to `outputs`/case-ID.npz, for the conformance verdicts (bench/judge.py). Cases of
@@ -96,7 +114,8 @@ def plan_cases(
                     }
                     if mode == "e2e":
                         base["files"] = files[format_size(tuple(bucket))][:batch]
-                    cases += _backend_cases(base, settings, reasons, manifest, forward_engine)
+                    twins = {"forward": forward_engine, "direct": direct_engine}
+                    cases += _backend_cases(base, settings, reasons, manifest, twins)
                     cases += _peer_cases(base, settings, manifest)
     for i, case in enumerate(cases):
         case["id"] = i
@@ -110,12 +129,11 @@ def _backend_cases(
     settings: dict[str, Any],
     reasons: dict[str, str | None],
     manifest: EngineManifest,
-    forward_engine: Path | None,
+    twins: dict[str, Path | None],
 ) -> list[Case]:
     cases = []
     engines = {"interactive": manifest.directory}
-    if forward_engine is not None:
-        engines["forward"] = forward_engine
+    engines |= {variant: path for variant, path in twins.items() if path is not None}
     for name in settings["backends"]:
         reason = reasons[name]
         if reason is None and name == "ort" and base["precision"] != "fp32":
@@ -139,7 +157,7 @@ def _backend_cases(
 def _peer_cases(base: Case, settings: dict[str, Any], manifest: EngineManifest) -> list[Case]:
     cases = []
     for name in settings["peers"]:
-        if name == "engine-forward":  # timed in each backend, above
+        if name in ("engine-forward", "engine-direct"):  # timed in each backend, above
             continue
         case = {
             **base,

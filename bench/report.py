@@ -19,7 +19,11 @@ PEER_LABELS = {
 def label(case: dict[str, Any]) -> str:
     if case["kind"] == "peer":
         return PEER_LABELS[case["peer"]]
-    return f"{case['target']} forward-only" if case["variant"] == "forward" else case["target"]
+    if case["variant"] == "forward":
+        return f"{case['target']} forward-only"
+    if case["variant"] == "direct":
+        return f"{case['target']} direct-conv"
+    return case["target"]
 
 
 def bucket_text(case: dict[str, Any]) -> str:
@@ -66,7 +70,8 @@ def markdown(run: dict[str, Any], json_path: Path | None = None) -> str:
             continue
         shown.add(key)
         lines.append(_row(case))
-    lines += ["", *_conformance_lines(run), *_cost_lines(run), *_target_lines(run)]
+    lines += ["", *_conformance_lines(run), *_cost_lines(run), *_direct_lines(run)]
+    lines += _target_lines(run)
     lines += _profile_lines(run)
     return "\n".join(lines) + "\n"
 
@@ -106,6 +111,21 @@ def _row(case: dict[str, Any]) -> str:
         f"| {_num(case['ratios'].get('backward_efficiency'), '.2f')} | {conformance_text(case)} "
         f"| {case['peak_rss_mb']:.0f} | {case['load_s']:.2f} | {case['first_call_s']:.2f} |"
     )
+
+
+def _direct_lines(run: dict[str, Any]) -> list[str]:
+    """The Winograd engine against its direct-convolution twin (`engine-direct`), same run."""
+    lines = [
+        f"- {label(c)} {c['mode']} {bucket_text(c)} batch {c['batch']} {c['precision']}: "
+        f"{c['ratios']['vs_direct']:.2f}x the direct-convolution engine"
+        for c in run["cases"]
+        if "vs_direct" in c.get("ratios", {})
+    ]
+    if not lines:
+        return []
+    layers = run["engine"].get("winograd") or {}
+    head = f"Winograd steps ({len(layers)} units: {', '.join(layers)}) against direct convolutions:"
+    return [head, "", *lines, ""]
 
 
 def _cost_lines(run: dict[str, Any]) -> list[str]:

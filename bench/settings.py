@@ -13,8 +13,12 @@ from interactive_features.runtime.registry import REGISTRY
 from interactive_features.runtime.settings import PRECISIONS, comma_list
 
 MODES = ("engine", "e2e")
-PEER_NAMES = ("reference", "naive", "captum", "torch-forward", "engine-forward")
-DEFAULT_PEERS = "reference,torch-forward,engine-forward"
+# engine-direct: the same engine with every convolution direct (`--conv direct`), timed in each
+# backend beside a Winograd engine (export/winograd.py); nothing to add for an all-direct one.
+PEER_NAMES = (
+    "reference", "naive", "captum", "torch-forward", "engine-forward", "engine-direct",
+)  # fmt: skip
+DEFAULT_PEERS = "reference,torch-forward,engine-forward,engine-direct"
 COMPILE_SUFFIX = "+compile"  # `--backends torch+compile`: the torch backend, compiled
 
 

@@ -33,6 +33,7 @@ def costs(manifest: EngineManifest, buckets: list[list[int]]) -> dict[str, Any]:
             "interactive": cost_per_image(spec, size).as_dict(),
             "forward": cost_per_image(forward_spec(spec), size).as_dict(),
         }
+        out[format_size(size)]["direct"] = out[format_size(size)]["interactive"]
     return out
 
 
@@ -80,8 +81,16 @@ def add_stats(run: dict[str, Any]) -> None:
         forwards = {
             c["target"]: c for c in members if c["kind"] == "backend" and c["variant"] == "forward"
         }
+        directs = {
+            c["target"]: c for c in members if c["kind"] == "backend" and c["variant"] == "direct"
+        }
         for case in members:
             ratios = {}
+            direct = directs.get(case["target"]) if case["variant"] == "interactive" else None
+            if direct is not None and case["kind"] == "backend":
+                ratios["vs_direct"] = (
+                    direct["stats"]["image_s"]["p50"] / case["stats"]["image_s"]["p50"]
+                )
             for peer, label in (
                 ("reference", "vs_reference"),
                 ("torch-forward", "vs_torch_forward"),

@@ -462,7 +462,10 @@ def build_plans(
     Holds the engine directory's lock (runtime/locks.py) throughout, as `interactive export`
     does: a concurrent export or build of the same directory is refused at once (LockedError).
     """
-    EngineManifest.load(directory)  # a directory that is no engine: that error, not the lock's
+    manifest = EngineManifest.load(directory)  # no engine: that error, not the lock's
+    reason = manifest.direct_convolutions_reason("a TensorRT build")
+    if reason is not None:  # Winograd graphs are for CPUs; TensorRT picks its own conv kernels
+        raise EngineError(reason)
     with exclusive_lock(Path(directory) / ENGINE_LOCK, f"engine directory {directory}"):
         return _build_plans_locked(directory, settings, buckets, log)
 

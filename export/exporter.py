@@ -42,12 +42,13 @@ from interactive_features.runtime.manifest import (
     package_version,
     write_manifest,
 )
-from interactive_features.runtime.settings import ExportSettings
+from interactive_features.runtime.settings import LEGACY_IDENTITY, ExportSettings
 
-from .graph import AnalyticGraph
+from .graph import AnalyticGraph, backward_convs, buffer_key
 from .reference import IMAGENET_MEAN, IMAGENET_STD, reference_features
 from .spec import FeatureSpec, load_state_dict
 from .weights_file import WEIGHTS_FILE, SharedWeights, write_error
+from .winograd import conv_plan
 
 OPSET = 18
 INPUT_NAME = "images"
@@ -147,8 +148,10 @@ def _export_locked(
     if settings.weights.startswith("random:"):
         log("NOTE: random weights: the features are for tests and smoke runs, not for retrieval")
     state_dict = load_state_dict(settings.weights, spec.arch, spec.width_div)
-    _check_free_space(out, spec, state_dict, manifest, len(todo))
-    graph = AnalyticGraph(spec, state_dict).eval()
+    graph = AnalyticGraph(spec, state_dict, winograd=_winograd_plan(manifest, spec)).eval()
+    if graph.winograd:
+        log(f"Winograd convolutions (--conv {settings.conv}): {_describe(manifest['winograd'])}")
+    _check_free_space(out, graph, manifest, len(todo))
     weights = SharedWeights(out, manifest["weights"]["tensors"])
     try:
         weights.truncate_to_table()  # bytes a crash appended but never recorded
@@ -201,24 +204,32 @@ def _interrupted_first_export(out: Path) -> bool:
     )
 
 
+def _winograd_plan(manifest: dict[str, Any], spec: FeatureSpec) -> dict[str, dict[str, str]]:
+    """The engine's Winograd steps: the manifest's record once it has one (so that buckets added
+    later write the same steps over the same stored kernels), else export/winograd.py's plan for
+    its `conv` setting, recorded now."""
+    if "winograd" not in manifest:
+        conv = ExportSettings.from_identity(manifest["export"]).conv
+        manifest["winograd"] = conv_plan(spec, conv, backward_convs(spec))
+    return manifest["winograd"]
+
+
+def _describe(plan: dict[str, dict[str, str]]) -> str:
+    return ", ".join(
+        f"{unit} {'/'.join(f'{d} {m}' for d, m in steps.items())}" for unit, steps in plan.items()
+    )
+
+
 def _check_free_space(
-    out: Path,
-    spec: FeatureSpec,
-    state_dict: dict[str, torch.Tensor],
-    manifest: dict[str, Any],
-    buckets: int,
+    out: Path, graph: AnalyticGraph, manifest: dict[str, Any], buckets: int
 ) -> None:
     """Refuse before the work when OUT's filesystem cannot hold what the export writes: at most
-    the network's weights plus the flipped kernels of the backward pass (when weights.bin holds
-    nothing yet) and about 1 MiB per bucket graph (written beside its temporary)."""
+    every buffer of the graph (the weights, the flipped or Winograd-transformed kernels of the
+    backward pass, the forward's Winograd kernels; when weights.bin holds nothing yet) and about
+    1 MiB per bucket graph (written beside its temporary)."""
     needed = buckets << 20
     if not manifest["weights"]["tensors"]:
-        for u in spec.units:
-            if not u.is_pool:
-                weight = state_dict[f"{u.weight_key}.weight"].numel()
-                bias = state_dict[f"{u.weight_key}.bias"].numel()
-                copies = 2 if u.kernel == 3 else 1  # 3x3 kernels are stored flipped too
-                needed += (copies * weight + bias) * 4
+        needed += sum(b.numel() * b.element_size() for b in graph.buffers())
     try:
         stat = os.statvfs(out)
     except OSError:
@@ -236,7 +247,8 @@ def _load_or_start(
 ) -> dict[str, Any]:
     if (out / MANIFEST_FILE).exists():
         manifest = EngineManifest.load(out).data
-        mine, theirs = request.settings.identity(), manifest["export"]
+        # settings newer than the manifest: the value its engine was made with (LEGACY_IDENTITY)
+        mine, theirs = request.settings.identity(), {**LEGACY_IDENTITY, **manifest["export"]}
         different = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
         if different:
             detail = ", ".join(f"{k}: {a!r} there, {b!r} asked" for k, (a, b) in different.items())
@@ -296,6 +308,7 @@ def _export_bucket(
     name = f"bucket-{format_size(bucket)}.onnx"
     model = to_onnx(graph, spec, bucket)
     weights.externalize(model)
+    _keep_raw_weights(graph, model, weights)
     entry: dict[str, Any] = {"file": name, "width": bucket[0], "height": bucket[1]}
     try:
         with atomic_path(out / name) as tmp:
@@ -308,6 +321,18 @@ def _export_bucket(
     entry["bytes"] = (out / name).stat().st_size
     entry["exported_at"] = _now()
     return entry
+
+
+def _keep_raw_weights(graph: AnalyticGraph, model: onnx.ModelProto, weights: SharedWeights) -> None:
+    """Store the weights of every unit even where the graph reads only their Winograd kernels:
+    the torch backend (and a later `--conv direct` view of the engine) rebuilds the direct
+    network from them."""
+    present = {init.name for init in model.graph.initializer}
+    for i in sorted(graph.winograd):
+        for what in ("weight", "bias"):
+            name = buffer_key(graph.units[i].name, what)
+            if name not in present:
+                weights.store(name, graph.get_buffer(name).numpy())
 
 
 def to_onnx(graph: AnalyticGraph, spec: FeatureSpec, bucket: tuple[int, int]) -> onnx.ModelProto:

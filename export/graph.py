@@ -19,10 +19,16 @@ from torch import nn
 
 from .reference import normalise
 from .spec import FeatureSpec, conv_weights, heatmap_name
+from .winograd import TILES, tile_of, transform_kernels, transformed_weights, winograd_conv3x3
 
 # Buffers that hold weights (cast to the compute dtype of a reduced-precision engine); the box
 # kernels and window indices stay as they are.
-WEIGHT_SUFFIXES = ("_weight", "_bias", "_weight_flipped")
+WEIGHT_SUFFIXES = (
+    "_weight",
+    "_bias",
+    "_weight_flipped",
+    *(f"_winograd_{mode}{flip}" for mode in TILES for flip in ("", "_flipped")),
+)
 
 
 def buffer_key(unit_name: str, what: str) -> str:
@@ -71,6 +77,15 @@ def route_to_switches(grad: torch.Tensor, switches: torch.Tensor) -> torch.Tenso
     return routed.permute(0, 1, 2, 4, 3, 5).reshape(-1, c, 2 * h, 2 * w)
 
 
+def backward_convs(spec: FeatureSpec) -> list[int]:
+    """Conv/fc units whose gradient is passed further down (config `last` only): the units whose
+    transposed convolution the backward pass runs."""
+    if spec.config != "last":
+        return []
+    low = min(spec.index(t) for t in spec.layers)
+    return [i for i in range(low + 2, spec.deepest_index() + 1) if not spec.units[i].is_pool]
+
+
 class AnalyticGraph(nn.Module):
     """uint8 [N, H, W, 3] RGB -> one float32 [N, D_t] per requested layer (then heatmaps).
 
@@ -78,6 +93,9 @@ class AnalyticGraph(nn.Module):
     engines do not underflow (export/ALGORITHM.md section 6); gamma is linear in the seed.
     `cast_weights(torch.float16)` runs the convolutions in half precision; the activeness
     collection (channel sums, box sums, means, the division by `seed_scale`) stays float32.
+    `winograd` ({unit: {"forward" | "backward": "f2" | "f4"}}, export/winograd.py conv_plan)
+    writes those 3x3 steps as Winograd convolutions, their transformed kernels precomputed as
+    buffers (`conv_4_2_winograd_f4`, `..._f4_flipped` for the backward); the rest stay direct.
     """
 
     def __init__(
@@ -86,6 +104,7 @@ class AnalyticGraph(nn.Module):
         state_dict: dict[str, torch.Tensor],
         seed_scale: float = 1.0,
         flipped_backward: bool = True,
+        winograd: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
         super().__init__()
         self.spec = spec
@@ -100,11 +119,21 @@ class AnalyticGraph(nn.Module):
                 w, b = conv_weights(state_dict, u)
                 self.register_buffer(self._key(i, "weight"), w)
                 self.register_buffer(self._key(i, "bias"), b)
+        self.winograd = {
+            self.spec.index(name): {d: tile_of(mode) for d, mode in steps.items()}
+            for name, steps in (winograd or {}).items()
+        }
+        for i, steps in sorted(self.winograd.items()):
+            self._register_winograd(i, steps)
         # The 3x3 backward steps as convolutions with flipped, transposed kernels: faster than
         # ConvTranspose in ONNX Runtime (bench/RESULTS.md) for one extra copy of those weights
         # (56 MB for VGG-16; fc-6/fc-7 keep ConvTranspose, whose copies would cost 470 MB).
         self.flipped = {
-            i for i in self._backward_convs() if flipped_backward and self.units[i].kernel == 3
+            i
+            for i in backward_convs(spec)
+            if flipped_backward
+            and self.units[i].kernel == 3
+            and "backward" not in self.winograd.get(i, {})
         }
         for i in sorted(self.flipped):
             w = self._param(i, "weight")
@@ -113,6 +142,33 @@ class AnalyticGraph(nn.Module):
             )
         for k in sorted({u.kernel for u in self.units if u.kernel > 1}):
             self.register_buffer(f"box_{k}x{k}", torch.ones(1, 1, k, k))
+
+    def _register_winograd(self, i: int, steps: Mapping[str, int]) -> None:
+        """The transformed kernels of unit i's Winograd steps, and each tile size's transforms."""
+        if self.units[i].kernel != 3:
+            raise ValueError(f"{self.units[i].name}: Winograd needs a 3x3 convolution")
+        w = self._param(i, "weight")
+        for direction, m in steps.items():
+            if direction == "forward":
+                self.register_buffer(self._key(i, f"winograd_f{m}"), transformed_weights(w, m))
+            elif direction == "backward":
+                flipped = w.flip(2, 3).transpose(0, 1)
+                u = transformed_weights(flipped, m)
+                self.register_buffer(self._key(i, f"winograd_f{m}_flipped"), u)
+            else:
+                raise ValueError(f"{self.units[i].name}: unknown step {direction!r}")
+            for name, value in transform_kernels(m).items():
+                if not hasattr(self, f"winograd_f{m}_{name}"):
+                    self.register_buffer(f"winograd_f{m}_{name}", value)
+
+    def _winograd(self, i: int, x: torch.Tensor, direction: str) -> torch.Tensor:
+        """Unit i's forward (with bias) or backward step as a Winograd convolution."""
+        m = self.winograd[i][direction]
+        flip = "_flipped" if direction == "backward" else ""
+        u = self._param(i, f"winograd_f{m}{flip}")
+        bt, at = getattr(self, f"winograd_f{m}_bt"), getattr(self, f"winograd_f{m}_at")
+        bias = self._param(i, "bias") if direction == "forward" else None
+        return winograd_conv3x3(x, u, bt.to(x.dtype), at.to(x.dtype), m, bias)
 
     def _key(self, i: int, what: str) -> str:
         return buffer_key(self.units[i].name, what)
@@ -137,6 +193,8 @@ class AnalyticGraph(nn.Module):
         for i, u in enumerate(self.units[: self.deepest + 1]):
             if u.is_pool:
                 x = F.max_pool2d(x, 2, 2)
+            elif "forward" in self.winograd.get(i, {}):
+                x = F.relu(self._winograd(i, x, "forward"))
             else:
                 x = F.relu(
                     F.conv2d(x, self._param(i, "weight"), self._param(i, "bias"), padding=u.padding)
@@ -188,22 +246,19 @@ class AnalyticGraph(nn.Module):
                     grad = route_to_switches(grad, window_switches(maps[i - 1], self.window_index))
             else:
                 # The ReLU mask as a multiply: ONNX Runtime's Where is about 6x slower than
-                # Greater + Cast + Mul on the CPU (7% of the whole engine at 512x512).
+                # Greater + Cast + Mul on the CPU (7% of the whole engine at 512x512), and Sign
+                # + Mul (one pass fewer) measured 1.7x slower than the three (bench/RESULTS.md).
                 g = grad * (maps[i] > 0).to(grad.dtype)
                 if i - 1 in self.requested:
                     self._collect_below_conv(i, g, maps, out)
                 if i - 1 > low:
                     grad = self._down_through(i, g)
 
-    def _backward_convs(self) -> list[int]:
-        """Conv/fc units whose gradient is passed further down (config `last` only)."""
-        if self.spec.config != "last":
-            return []
-        return [i for i in range(self.low + 2, self.deepest + 1) if not self.units[i].is_pool]
-
     def _down_through(self, i: int, g: torch.Tensor) -> torch.Tensor:
         """d lnf / d X_{i-1} from the masked gradient g of conv/fc unit i."""
         u = self.units[i]
+        if "backward" in self.winograd.get(i, {}):
+            return self._winograd(i, g, "backward")
         if i in self.flipped:
             padding = u.kernel - 1 - u.padding
             return F.conv2d(g, self._param(i, "weight_flipped"), padding=padding)

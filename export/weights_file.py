@@ -67,6 +67,10 @@ class SharedWeights:
                 item = init.external_data.add()
                 item.key, item.value = key, value
 
+    def store(self, name: str, array: np.ndarray) -> dict[str, Any]:
+        """Append one tensor no graph references (or check it against the stored one)."""
+        return self._store(name, np.ascontiguousarray(array))
+
     def _store(self, name: str, array: np.ndarray) -> dict[str, Any]:
         digest = hashlib.sha256(array.tobytes()).hexdigest()
         known = self.tensors.get(name)

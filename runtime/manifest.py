@@ -89,6 +89,23 @@ class EngineManifest:
         return ExportSettings.from_identity(self.data["export"])
 
     @property
+    def winograd(self) -> dict[str, dict[str, str]]:
+        """{unit: {"forward" | "backward": "f2" | "f4"}}: the 3x3 steps this engine's graphs
+        write as Winograd convolutions (export --conv); empty for an all-direct engine."""
+        return {unit: dict(steps) for unit, steps in self.data.get("winograd", {}).items()}
+
+    def direct_convolutions_reason(self, what: str) -> str | None:
+        """Why `what` (a GPU backend, a TensorRT build) cannot take this engine's graphs, or None:
+        Winograd graphs are for the CPU; GPUs run their own convolution algorithms."""
+        if not self.winograd:
+            return None
+        return (
+            f"{what} takes direct convolutions, and {self.directory} writes "
+            f"{len(self.winograd)} layers as Winograd (exported with --conv "
+            f"{self.settings.conv}, for CPU engines): export it again with --conv direct"
+        )
+
+    @property
     def layers(self) -> list[str]:
         return [layer["name"] for layer in self.data["layers"]]
 
@@ -307,6 +324,12 @@ def _check_manifest(data: dict[str, Any]) -> None:
         ExportSettings.from_identity(export)
     except (TypeError, ValueError) as err:
         raise _Invalid("export", str(err)) from None
+    if "winograd" in data:  # {unit: {"forward" | "backward": "f2" | "f4"}}
+        for unit in _get(data, "", "winograd", dict):
+            for step, mode in _get(data["winograd"], "winograd", unit, dict).items():
+                if step not in ("forward", "backward") or mode not in ("f2", "f4"):
+                    where = _key(_key("winograd", unit), step)
+                    raise _Invalid(where, f"expected forward/backward: f2 or f4, got {mode!r:.20}")
     if "heatmaps" in data:
         _get(data, "", "heatmaps", bool)
     tensorrt = data.get("tensorrt")

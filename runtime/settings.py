@@ -41,6 +41,14 @@ WEIGHT_SOURCES = (
     "'imagenet' (torchvision's, via the torch hub cache), a .pth state dict, or random:SEED"
 )
 
+# How the 3x3 convolutions of an engine's graphs are written (export/winograd.py): `auto` as
+# Winograd F(4x4,3x3) where the CPU benchmark measured it faster (the deep 512-channel layers,
+# bench/RESULTS.md) and direct elsewhere; `direct` everywhere direct (what GPU backends and
+# TensorRT builds take); `f2`/`f4` every 3x3 step as F(2x2,3x3)/F(4x4,3x3) (tests, experiments).
+CONV_MODES = ("auto", "direct", "f2", "f4")
+# The export record's value for a setting that manifests written before it existed lack.
+LEGACY_IDENTITY: dict[str, Any] = {"conv": "direct"}
+
 # The precisions a backend or a TensorRT build may run an engine in.
 PRECISIONS = ("fp32", "fp16", "bf16")
 # Scales the top gradient of fp16/bf16 engines (a power of two: exact in every format). The seed
@@ -90,6 +98,7 @@ class ExportSettings:
     width_div: int = 1  # > 1: every width divided (narrow test networks)
     area: int = DEFAULT_AREA_SIDE  # the bucket rule's target area, as the side of a square
     fixed: str | None = None  # "224x224": one bucket for every image (the paper's ORIG baseline)
+    conv: str = "auto"  # CONV_MODES: Winograd or direct 3x3 convolutions in the graphs
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -111,6 +120,8 @@ class ExportSettings:
             raise ValueError(f"area must be at least 32 (a square's side), got {self.area}")
         if self.fixed is not None:
             object.__setattr__(self, "fixed", format_size(parse_size(self.fixed)))
+        if self.conv not in CONV_MODES:
+            raise ValueError(f"unknown conv {self.conv!r}: expected one of {', '.join(CONV_MODES)}")
         random_seed(self.weights)  # a malformed random:SEED fails here, before any work
 
     @property
@@ -131,9 +142,10 @@ class ExportSettings:
 
     @classmethod
     def from_identity(cls, record: Mapping[str, Any]) -> ExportSettings:
-        """The settings a manifest's `export` record holds (unknown keys ignored)."""
+        """The settings a manifest's `export` record holds (unknown keys ignored; settings newer
+        than the manifest take their LEGACY_IDENTITY value)."""
         known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in record.items() if k in known}
+        values = {k: v for k, v in {**LEGACY_IDENTITY, **record}.items() if k in known}
         if "layers" in values:
             values["layers"] = tuple(values["layers"])
         return cls(**values)
@@ -152,6 +164,8 @@ class ExportSettings:
             args += ["--fixed", self.fixed]
         else:
             args += ["--area", str(self.area)]
+        if self.conv != ExportSettings.conv:
+            args += ["--conv", self.conv]
         return args
 
     @classmethod
@@ -167,6 +181,7 @@ class ExportSettings:
             width_div=args.width_div,
             area=args.area,
             fixed=args.fixed,
+            conv=args.conv,
         )
 
 
@@ -186,3 +201,10 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "--area", type=int, default=d.area, help="bucket rule area as a square's side"
     )
     parser.add_argument("--fixed", help="one fixed bucket WxH for every image (e.g. 224x224: ORIG)")
+    parser.add_argument(
+        "--conv",
+        default=d.conv,
+        choices=CONV_MODES,
+        help="3x3 convolutions: auto (Winograd where it measured faster on the CPU), direct "
+        "(for GPU backends and TensorRT), f2 or f4 (every 3x3 step as Winograd)",
+    )

@@ -141,6 +141,12 @@ class OrtBoundBackend(OrtBackend):
         return {name: outputs[name] for name in self.manifest.outputs}
 
 
+def _direct_reason(label: str, manifest: EngineManifest | None) -> str | None:
+    """GPU providers get direct convolutions: an engine with Winograd steps (for CPUs) is refused
+    (export/winograd.py; the engine's manifest records them)."""
+    return None if manifest is None else manifest.direct_convolutions_reason(label)
+
+
 def _gpu_reason(provider: str, label: str) -> str | None:
     available = onnxruntime_module().get_available_providers()
     if provider not in available:
@@ -165,8 +171,8 @@ class OrtCudaBackend(OrtBoundBackend):
 
     @classmethod
     def unavailable_reason(cls, manifest: EngineManifest | None = None) -> str | None:
-        """onnxruntime-gpu's CUDA provider and a CUDA GPU."""
-        return _gpu_reason(CUDA_PROVIDER, cls.name)
+        """onnxruntime-gpu's CUDA provider and a CUDA GPU; an engine of direct convolutions."""
+        return _direct_reason(cls.name, manifest) or _gpu_reason(CUDA_PROVIDER, cls.name)
 
     def __init__(
         self,
@@ -225,8 +231,13 @@ class OrtTensorrtBackend(OrtBoundBackend):
 
     @classmethod
     def unavailable_reason(cls, manifest: EngineManifest | None = None) -> str | None:
-        """onnxruntime-gpu's TensorRT provider, TensorRT's libraries and a CUDA GPU."""
-        return _gpu_reason(TENSORRT_PROVIDER, cls.name) or _tensorrt_libraries_reason()
+        """onnxruntime-gpu's TensorRT provider, TensorRT's libraries and a CUDA GPU; an engine of
+        direct convolutions."""
+        return (
+            _direct_reason(cls.name, manifest)
+            or _gpu_reason(TENSORRT_PROVIDER, cls.name)
+            or _tensorrt_libraries_reason()
+        )
 
     def __init__(
         self,
