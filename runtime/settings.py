@@ -98,7 +98,9 @@ class ExportSettings:
     width_div: int = 1  # > 1: every width divided (narrow test networks)
     area: int = DEFAULT_AREA_SIDE  # the bucket rule's target area, as the side of a square
     fixed: str | None = None  # "224x224": one bucket for every image (the paper's ORIG baseline)
-    conv: str = "auto"  # CONV_MODES: Winograd or direct 3x3 convolutions in the graphs
+    # CONV_MODES. direct by default: `auto` measured only 1.07x on the CPU (bench/RESULTS.md) for
+    # a weights.bin 24% larger (the transformed kernels), and GPU backends refuse it.
+    conv: str = "direct"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -205,6 +207,6 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "--conv",
         default=d.conv,
         choices=CONV_MODES,
-        help="3x3 convolutions: auto (Winograd where it measured faster on the CPU), direct "
-        "(for GPU backends and TensorRT), f2 or f4 (every 3x3 step as Winograd)",
+        help="3x3 convolutions: direct (any backend), auto (CPU only: Winograd F(4,3) for the "
+        "512-channel backward steps, 1.07x, weights.bin +24%%), f2 or f4 (every 3x3 step)",
     )

@@ -118,7 +118,7 @@ def test_make_targets_and_scripts_parse() -> None:
         if words[0] == "make":
             result = subprocess.run(["make", "-n", *words[1:]], cwd=ROOT, capture_output=True)
             assert result.returncode == 0, (command, result.stderr)
-        elif words[0] == "python3" and words[1] != "-m":  # `python3 -m venv`: test_autofaiss
+        elif words[0] == "python3" and words[1] != "-m":  # `-m`: a module (venv, bench.winograd)
             script = ROOT / words[1]
             spec = importlib.util.spec_from_file_location("readme_script", script)
             assert spec and spec.loader

@@ -72,7 +72,7 @@ def test_plans() -> None:
 def test_conv_setting_round_trips_through_the_command_line_and_the_manifest() -> None:
     parser = argparse.ArgumentParser()
     add_export_arguments(parser)
-    assert ExportSettings().conv == "auto"
+    assert ExportSettings().conv == "direct"
     settings = ExportSettings(weights="random:0", conv="f2")
     again = ExportSettings.from_args(parser.parse_args(settings.export_args()))
     assert again == settings
