@@ -708,14 +708,24 @@ def _unit_interval(text: str) -> float:
     return value
 
 
-def _colormap_arg(text: str) -> str:
-    from .viz import ColormapError, colormap
+def _checked_text(check: Callable[[str], object]) -> Callable[[str], str]:
+    """An argparse type: the text itself once `check(text)` has not raised ValueError, whose
+    message becomes the usage error."""
 
-    try:
-        colormap(text)
-    except ColormapError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
+    def parse(text: str) -> str:
+        try:
+            check(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return text
+
+    return parse
+
+
+def _colormap_arg(text: str) -> str:
+    from .viz import colormap  # ColormapError is a ValueError
+
+    return _checked_text(colormap)(text)
 
 
 def _check_viz(args: argparse.Namespace) -> None:
@@ -919,11 +929,7 @@ def _add_knn(sub: argparse._SubParsersAction) -> None:
 def _memory_arg(text: str) -> str:
     from .knn import parse_memory
 
-    try:
-        parse_memory(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
+    return _checked_text(parse_memory)(text)
 
 
 def _check_knn_layers(args: argparse.Namespace) -> None:

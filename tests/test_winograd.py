@@ -198,7 +198,8 @@ def test_bench_times_a_winograd_engine_beside_its_direct_twin(winograd_engine, t
 
 def test_an_engine_from_before_conv_is_direct_and_takes_more_buckets(narrow_engine, tmp_path):
     """A manifest without `export.conv` and `winograd` (written before the option) reads as
-    `--conv direct`; adding a bucket asks for that, and the refusal names it otherwise."""
+    `--conv direct` (the default, so its export command needs no flag); adding a bucket with the
+    default works, and asking for `auto` there is refused, naming both."""
     import shutil
 
     engine = tmp_path / "old"
@@ -208,10 +209,10 @@ def test_an_engine_from_before_conv_is_direct_and_takes_more_buckets(narrow_engi
     (engine / "manifest.json").write_text(json.dumps(data))
     manifest = EngineManifest.load(engine)
     assert manifest.settings.conv == "direct" and manifest.winograd == {}
-    assert "--conv direct" in manifest.export_command([(288, 256)])
+    assert "--conv" not in manifest.export_command([(288, 256)])
     with pytest.raises(EngineError, match="conv: 'direct' there, 'auto' asked"):
-        export_engine(narrow_request(engine, "288x256", heatmaps=True), log=print)
-    export_engine(narrow_request(engine, "288x256", heatmaps=True, conv="direct"), log=print)
+        export_engine(narrow_request(engine, "288x256", heatmaps=True, conv="auto"), log=print)
+    export_engine(narrow_request(engine, "288x256", heatmaps=True), log=print)
     assert (288, 256) in EngineManifest.load(engine).buckets
 
 
