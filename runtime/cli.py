@@ -697,15 +697,27 @@ def _add_viz(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(check=_check_viz)
 
 
-def _unit_interval(text: str) -> float:
-    """argparse `type=` for --alpha: a number in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:  # NaN fails this too
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
+def _number_in(low: float, high: float, closed: bool) -> Callable[[str], float]:
+    """An argparse float type: a number in [low, high] (`closed`) or (low, high); NaN never."""
+    interval = f"[{low:g}, {high:g}]" if closed else f"({low:g}, {high:g})"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a number in {interval}, got {text!r}"
+            ) from None
+        inside = low <= value <= high if closed else low < value < high  # NaN fails both
+        if not inside:
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
+        return value
+
+    return parse
+
+
+_unit_interval = _number_in(0.0, 1.0, closed=True)  # --alpha
+_fraction = _number_in(0.0, 1.0, closed=False)  # --test-fraction
 
 
 def _checked_text(check: Callable[[str], object]) -> Callable[[str], str]:
@@ -816,16 +828,6 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("-o", "--output", type=Path, metavar="TABLE.csv", help="the table as CSV")
     p.set_defaults(check=_check_eval)
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
-    return value
 
 
 def _check_eval(args: argparse.Namespace) -> None:
