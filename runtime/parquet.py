@@ -153,6 +153,12 @@ def parquet_file(f: BinaryIO) -> pq.ParquetFile:
     return pq.ParquetFile(f, pre_buffer=False)
 
 
+def row_count(path: str | os.PathLike[str]) -> int:
+    """A Parquet file's rows, from its footer (no data read)."""
+    with open(path, "rb") as f:
+        return int(parquet_file(f).metadata.num_rows)
+
+
 def read_table(path: str | os.PathLike[str], columns: list[str] | None = None) -> pa.Table:
     """A Parquet file read through an open file (as write_table writes it): any name the OS
     allows, UTF-8 or not."""

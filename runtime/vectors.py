@@ -23,7 +23,7 @@ from .api import l2_normalize
 from .index import ERRORS_DIR, shard_files
 from .index_sources import IndexJobError
 from .manifest import is_heatmap
-from .parquet import layer_matrix, parquet_file, read_table
+from .parquet import layer_matrix, parquet_file, row_count
 
 # The concatenated column that `--concat` writes.
 CONCAT_COLUMN = "features"
@@ -144,4 +144,4 @@ def failed_rows(source: str | os.PathLike[str]) -> int:
     if path.is_file():
         return 0
     errors = [part for part in shard_files(path) if part.parent.name == ERRORS_DIR]
-    return sum(read_table(part, columns=["status"]).num_rows for part in errors)
+    return sum(row_count(part) for part in errors)

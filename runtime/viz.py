@@ -609,14 +609,10 @@ def index_rows(
 
 def index_row_count(outdir: str | os.PathLike[str]) -> int:
     """The ok rows of an index (from the shards' footers, no data read)."""
-    from .parquet import parquet_file
+    from .parquet import row_count
     from .vectors import feature_files
 
-    total = 0
-    for part in feature_files(outdir):
-        with open(part, "rb") as f:
-            total += parquet_file(f).metadata.num_rows
-    return total
+    return sum(row_count(part) for part in feature_files(outdir))
 
 
 def index_run(outdir: str | os.PathLike[str]) -> dict[str, Any]:
