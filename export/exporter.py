@@ -48,7 +48,7 @@ from .graph import AnalyticGraph, backward_convs, buffer_key
 from .reference import IMAGENET_MEAN, IMAGENET_STD, reference_features
 from .spec import FeatureSpec, load_state_dict
 from .weights_file import WEIGHTS_FILE, SharedWeights, write_error
-from .winograd import conv_plan
+from .winograd import LAYOUT, conv_plan
 
 OPSET = 18
 INPUT_NAME = "images"
@@ -207,10 +207,20 @@ def _interrupted_first_export(out: Path) -> bool:
 def _winograd_plan(manifest: dict[str, Any], spec: FeatureSpec) -> dict[str, dict[str, str]]:
     """The engine's Winograd steps: the manifest's record once it has one (so that buckets added
     later write the same steps over the same stored kernels), else export/winograd.py's plan for
-    its `conv` setting, recorded now."""
+    its `conv` setting, recorded now with the layout of its kernels. An engine whose Winograd
+    kernels were stored in another layout keeps its graphs, but takes no new bucket."""
     if "winograd" not in manifest:
         conv = ExportSettings.from_identity(manifest["export"]).conv
         manifest["winograd"] = conv_plan(spec, conv, backward_convs(spec))
+        if manifest["winograd"]:
+            manifest["winograd_layout"] = LAYOUT
+    elif manifest["winograd"] and manifest.get("winograd_layout", 1) != LAYOUT:
+        raise EngineError(
+            "this engine's Winograd kernels are stored in layout "
+            f"{manifest.get('winograd_layout', 1)} (written before 2026-12-02), this exporter "
+            f"writes layout {LAYOUT}: its buckets still run, but a new bucket needs a new engine: "
+            "export into a new --out directory"
+        )
     return manifest["winograd"]
 
 

@@ -4,11 +4,13 @@ with ordinary tensor ops so that they export to plain ONNX (Conv, Transpose, Mat
 
     Y = A^T [ (G g G^T) . (B^T d B) ] A   per m x m output tile, a = m + 2 input tile
 
-Layout: the input transform is one strided convolution of every channel alone (channels moved
-into the batch, the a*a tiles of B^T (x) B^T as its kernels), transposed to frequency-major
-`[a*a, N, C, P]` (P tiles), so that the channel contraction is ONE batched MatMul
-`[a*a, 1, K, C] @ [a*a, N, C, P]`; the output transform is a MatMul by A^T (x) A^T and a
-depth-to-space transpose. (36 strided Slices and a Concat for the tiles measured 3x slower.)
+Layout (`winograd_conv3x3`): no transposes. The channel planes are stacked into one tall image,
+so that one strided convolution by the a*a tiles of B^T (x) B^T writes frequency-major
+`[N, a*a, C, P]` (P tiles); the channel contraction is ONE batched MatMul
+`[1, a*a, K, C] @ [N, a*a, C, P]`; the output transform one transposed convolution by the tiles
+of A^T (x) A^T with stride m. (The first designs moved channels into the batch and transposed
+to frequency-major and back: 20-25% slower at 256 channels @ 128x128; 36 strided Slices and a
+Concat for the tiles: 3x slower.)
 
 The weight transform U = G g G^T is precomputed at export time (`transformed_weights`) and stored
 as its own initializer, shared by all buckets like every weight (computing it in the graph would
@@ -24,6 +26,11 @@ import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from .spec import FeatureSpec
+
+# The layout of the stored kernels and of the graph's steps, recorded in the manifest
+# (`winograd_layout`): 2 is `winograd_conv3x3`'s tall image (U [1, a*a, K, C], output kernels
+# [a*a, 1, m, m]); 1 (engines of 2026-12-01, no record) moved channels into the batch.
+LAYOUT = 2
 
 # Tile sizes: F(m x m, 3 x 3) for m in TILES; "f2" and "f4" name them in settings and manifests.
 TILES = {"f2": 2, "f4": 4}
@@ -74,21 +81,23 @@ def matrix(m: int, name: str) -> torch.Tensor:
 
 
 def transformed_weights(weight: torch.Tensor, m: int) -> torch.Tensor:
-    """[K, C, 3, 3] -> U [a*a, 1, K, C], U = G g G^T per (K, C) pair, computed in float64 and
-    rounded once to the weight's dtype."""
+    """[K, C, 3, 3] -> U [1, a*a, K, C], U = G g G^T per (K, C) pair, computed in float64 and
+    rounded once to the weight's dtype. (The leading 1 broadcasts over the batch.)"""
     g = matrix(m, "G")
     u = torch.einsum("ai,kcij,bj->abkc", g, weight.double(), g)
     a = m + 2
-    return u.reshape(a * a, 1, *weight.shape[:2]).to(weight.dtype).contiguous()
+    return u.reshape(1, a * a, *weight.shape[:2]).to(weight.dtype).contiguous()
 
 
 def transform_kernels(m: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The Kronecker products the graph multiplies by: `bt` (B^T (x) B^T) for the input tiles,
-    as a*a convolution kernels [a*a, 1, a, a]; `at` (A^T (x) A^T, [m*m, a*a]) for the output."""
+    """The Kronecker products the graph multiplies by, as convolution kernels: `bt` (B^T (x) B^T,
+    [a*a, 1, a, a]) for the input tiles, `at` (A^T (x) A^T, [a*a, 1, m, m]) for the output tiles
+    (a transposed convolution with stride m: tile f's contribution to each output pixel)."""
     bt, at = matrix(m, "BT"), matrix(m, "AT")
     a = m + 2
     input_kernels = torch.kron(bt, bt).reshape(a * a, 1, a, a)
-    return {"bt": input_kernels.to(dtype), "at": torch.kron(at, at).to(dtype)}
+    output_kernels = torch.kron(at, at).T.reshape(a * a, 1, m, m)
+    return {"bt": input_kernels.to(dtype), "at": output_kernels.contiguous().to(dtype)}
 
 
 def winograd_conv3x3(
@@ -101,22 +110,28 @@ def winograd_conv3x3(
 ) -> torch.Tensor:
     """conv2d(x, g, bias, padding=1) for x [N, C, H, W], with u = transformed_weights(g, m) and
     bt, at = transform_kernels(m). Any H, W: the map is padded up to whole tiles and the output
-    cropped back."""
+    cropped back.
+
+    Every op reads its input in the layout the previous one wrote (no transposes): the C channel
+    planes, padded to a whole number of tile rows plus one, are stacked into one tall image, so
+    that one strided convolution by B^T's tiles writes frequency-major [N, a*a, C, tiles] (each
+    plane's extra tile row straddles into the next plane and is dropped at the end). The channel
+    contraction is one batched MatMul per frequency; the output transform one transposed
+    convolution with stride m, which writes the tiles back in place.
+    """
     n, c, h, w = x.shape
     a = m + 2
     th, tw = -(-h // m), -(-w // m)
-    # The input transform as one convolution of every channel alone (channels moved into the
-    # batch): kernel f is B^T's tile f, stride m, so output [N*C, a*a, th, tw]; then frequency
-    # first for the batched MatMul.
-    pads = (1, tw * m + 1 - w, 1, th * m + 1 - h)
-    d = F.conv2d(F.pad(x.reshape(n * c, 1, h, w), pads), bt, stride=m)
-    v = d.reshape(n, c, a * a, th * tw).permute(2, 0, 1, 3)
+    plane = m * (th + 1)  # th tile rows and the straddling one, a multiple of the stride
+    pads = (1, tw * m + 1 - w, 1, plane - h - 1)
+    tall = F.pad(x, pads).reshape(n, 1, c * plane, tw * m + 2)
+    # a - m more rows at the bottom give the last plane's straddling row too: C * (th + 1) rows.
+    d = F.conv2d(F.pad(tall, (0, 0, 0, a - m)), bt, stride=m)
+    v = d.reshape(n, a * a, c, (th + 1) * tw)
     k = u.shape[2]
-    prod = torch.matmul(u, v)  # [a*a, N, K, P]
-    y = (at @ prod.reshape(a * a, -1)).reshape(m, m, n, k, th, tw)
-    y = y.permute(2, 3, 4, 0, 5, 1).reshape(n, k, th * m, tw * m)
-    if th * m != h or tw * m != w:
-        y = y[:, :, :h, :w]
+    prod = torch.matmul(u, v).reshape(n, a * a, k * (th + 1), tw)  # [N, a*a, K, tiles]
+    y = F.conv_transpose2d(prod, at, stride=m).reshape(n, k, plane, tw * m)
+    y = y[:, :, :h, :w]
     if bias is not None:
         y = y + bias.reshape(1, -1, 1, 1)
     return y
@@ -124,30 +139,31 @@ def winograd_conv3x3(
 
 # The `auto` plan: which steps are written as Winograd, from `python -m
 # interactive_features.bench.winograd --bucket 512x512` (bench/RESULTS.md, "Winograd"). Measured
-# on one machine class: AMD EPYC, 2 threads, AVX-512, onnxruntime 1.32 CPU. A backward step (the
-# flipped-kernel conv) of c_in -> c_out channels qualifies when both are at least
-# AUTO_MIN_CHANNELS: at 256 channels and 128x128 maps the transforms' memory passes cost more than
-# the 2.25-4x fewer multiplies save; from 512 channels on, F(4,3) wins (1.3-1.7x).
-# Forward steps stay direct: Winograd's rounding differs between the positions of a tile, so equal
-# activations (flat image regions) stop being equal and the 2x2 pools' first-maximum switches and
-# the ReLU masks move away from the reference's (full-width 224x224 engine: 3.6e-4 from the
-# reference with forward Winograd, 1.9e-4 backward-only, as direct). The backward is linear in the
-# gradient and its masks and switches come from the forward maps, so it stays exact.
-AUTO_MIN_CHANNELS = 512
+# on one machine class: AMD EPYC, 2 threads, AVX-512, onnxruntime 1.32 CPU. A step (forward, or
+# the backward's flipped-kernel conv) qualifies when one side has at least AUTO_MIN_CHANNELS
+# channels: from conv-3-1 (128 -> 256 @ 128x128) down, F(4,3) measured 1.4-4x the direct Conv;
+# at 128 -> 128 @ 256x256 and above (fewer channels, larger maps) the transforms' memory passes
+# cost what the fewer multiplies save (0.7-1.05x). F(2,3) and F(4,3) tie at 32x32; F(4,3) wins
+# elsewhere, so `auto` uses it throughout. Winograd's rounding differs between the positions of
+# a tile, so on flat image regions a forward map's equal activations may stop being equal and a
+# 2x2 pool's first-maximum switch move: the features stay within the fp32 tolerance of the
+# autograd reference (measured per layer at export, and in bench/RESULTS.md), not bit-close to
+# the direct engine.
+AUTO_MIN_CHANNELS = 256
 AUTO_TILE = "f4"
-AUTO_DIRECTIONS = ("backward",)
+AUTO_DIRECTIONS = ("forward", "backward")
 AUTO_MACHINE = "AMD EPYC, 2 threads, AVX-512, onnxruntime 1.32 CPU"
 
 
 def _auto_mode(direction: str, c_in: int, c_out: int) -> str:
-    wins = direction in AUTO_DIRECTIONS and min(c_in, c_out) >= AUTO_MIN_CHANNELS
+    wins = direction in AUTO_DIRECTIONS and max(c_in, c_out) >= AUTO_MIN_CHANNELS
     return AUTO_TILE if wins else "direct"
 
 
 def conv_plan(spec: FeatureSpec, conv: str, backward: list[int]) -> dict[str, dict[str, str]]:
     """{unit: {"forward": mode, "backward": mode}} for the 3x3 convs written as Winograd, by the
     export setting `conv` (runtime/settings.py CONV_MODES): `direct` none, `f2`/`f4` every 3x3
-    step, `auto` the measured rule above (backward steps only). `backward`: the units whose
+    step, `auto` the measured rule above. `backward`: the units whose
     backward step the graph runs (export/graph.py backward_convs). Units with no Winograd step
     are left out."""
     plan: dict[str, dict[str, str]] = {}

@@ -330,6 +330,8 @@ def _check_manifest(data: dict[str, Any]) -> None:
                 if step not in ("forward", "backward") or mode not in ("f2", "f4"):
                     where = _key(_key("winograd", unit), step)
                     raise _Invalid(where, f"expected forward/backward: f2 or f4, got {mode!r:.20}")
+    if "winograd_layout" in data:  # export/winograd.py LAYOUT of the stored kernels
+        _get(data, "", "winograd_layout", int)
     if "heatmaps" in data:
         _get(data, "", "heatmaps", bool)
     tensorrt = data.get("tensorrt")

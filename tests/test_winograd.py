@@ -63,10 +63,10 @@ def test_plans() -> None:
     assert len(every) == 13 and every["conv-1-1"] == {"forward": "f4"}
     assert every["conv-2-2"] == {"forward": "f4", "backward": "f4"}
     auto = conv_plan(full, "auto", backward_convs(full))
-    # backward steps of 512 channels in and out: conv-4-1 (512 -> 256) stays direct, and every
-    # forward step (their rounding would move the pools' switches on ties)
-    assert set(auto) == {"conv-4-2", "conv-4-3", "conv-5-1", "conv-5-2", "conv-5-3"}
-    assert all(steps == {"backward": "f4"} for steps in auto.values())
+    # every step with 256 channels on one side, forward and backward: conv-3-1 (128 -> 256) on;
+    # conv-2-2 (128 -> 128 @ 256x256) and above stay direct
+    assert list(auto) == [f"conv-{b}-{k}" for b in (3, 4, 5) for k in (1, 2, 3)]
+    assert all(steps == {"forward": "f4", "backward": "f4"} for steps in auto.values())
 
 
 def test_conv_setting_round_trips_through_the_command_line_and_the_manifest() -> None:
@@ -214,6 +214,33 @@ def test_an_engine_from_before_conv_is_direct_and_takes_more_buckets(narrow_engi
         export_engine(narrow_request(engine, "288x256", heatmaps=True, conv="auto"), log=print)
     export_engine(narrow_request(engine, "288x256", heatmaps=True), log=print)
     assert (288, 256) in EngineManifest.load(engine).buckets
+
+
+def test_an_engine_of_the_first_winograd_layout_keeps_its_graphs_but_takes_no_bucket(
+    winograd_engine, tmp_path
+):
+    """Engines of 2026-12-01 stored their Winograd kernels in layout 1 (no `winograd_layout`
+    record): their graphs still run, and adding a bucket is refused in one sentence, before
+    anything is written."""
+    import shutil
+
+    mode, out = winograd_engine
+    engine = tmp_path / "layout-1"
+    shutil.copytree(out, engine)
+    data = json.loads((engine / "manifest.json").read_text())
+    assert data["winograd_layout"] == 2
+    del data["winograd_layout"]
+    (engine / "manifest.json").write_text(json.dumps(data))
+    before = sorted(p.name for p in engine.iterdir())
+    weights = (engine / "weights.bin").stat().st_size
+    image = np.random.default_rng(0).integers(0, 256, (224, 288, 3), np.uint8)  # BUCKET's size
+    with Extractor.open(engine) as ex:
+        assert not ex.extract([image]).errors
+    request = narrow_request(engine, "256x256", heatmaps=True, conv=mode)
+    with pytest.raises(EngineError, match="stored in layout 1 .* export into a new --out"):
+        export_engine(request, log=print)
+    assert sorted(p.name for p in engine.iterdir()) == before
+    assert (engine / "weights.bin").stat().st_size == weights
 
 
 def test_a_malformed_winograd_record_is_refused(narrow_engine, tmp_path):

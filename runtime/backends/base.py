@@ -41,7 +41,7 @@ OPTIONS: dict[str, str] = {
     "max_open_buckets": "sessions or plans kept open, least recently used closed first",
     "providers": "ONNX Runtime execution providers: names or (name, options) pairs",
     "prepack": "let ONNX Runtime keep its own reordered weights per session (faster, more memory)",
-    "release_memory": "return freed heap pages to the OS after every batch (glibc malloc_trim)",
+    "release_memory": "give memory back to the OS after every batch (arena shrink, malloc_trim)",
     "compile": 'torch.compile per bucket: True, False or "auto" (on for CUDA)',
     "compile_mode": "torch.compile's mode",
     "channels_last": "NHWC convolutions in torch (None: on for CUDA)",

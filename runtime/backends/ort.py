@@ -32,6 +32,7 @@ from .sessions import (
     engine_initializers,
     onnxruntime_module,
     ort_session,
+    release_after_run,
 )
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
@@ -45,10 +46,14 @@ ORT_OPTIONS = frozenset(
 class OrtBackend(Backend):
     """ONNX Runtime sessions opened lazily per bucket and kept in a bounded LRU.
 
-    `release_memory` (default on) returns freed activations to the OS after every batch, so RSS
-    stays at one bucket's peak however many sizes go through (0-8% slower on the 2-core CPU at
-    512x512, batch 1; bench/RESULTS.md). `prepack` lets ORT keep its own reordered copy of the
-    weights per session: a little faster, but every open bucket then costs a copy of them.
+    Every session allocates from one CPU arena per process (runtime/backends/sessions.py
+    `shared_cpu_arena`): the pages one batch used serve the next, whatever its bucket, so RSS
+    stays at the largest batch's peak however many sizes go through, and no batch pays for
+    mapping fresh pages (80,000 page faults per 512x512 image without it). `release_memory`
+    hands that memory back to the OS after every batch instead (RSS between batches drops to
+    the weights; 10-25% slower at 512x512 on the 2-core CPU, more for Winograd engines;
+    bench/RESULTS.md). `prepack` lets ORT keep its own reordered copy of the weights per
+    session: a little faster, but every open bucket then costs a copy of them.
     `precision`: "fp32" only (ONNX Runtime runs the exported graphs' own types).
     """
 
@@ -69,7 +74,7 @@ class OrtBackend(Backend):
         max_open_buckets: int = 4,
         threads: int = 0,
         prepack: bool = False,
-        release_memory: bool = True,
+        release_memory: bool = False,
     ) -> None:
         self.precision = self.check_precision(precision)
         self.manifest = manifest
@@ -77,6 +82,7 @@ class OrtBackend(Backend):
         self.threads = threads
         self.prepack = prepack
         self.release_memory = release_memory
+        self._run_options = release_after_run() if release_memory else None
         self._sessions: BucketCache[Any] = BucketCache(max_open_buckets, self._open_session)
 
     def session(self, bucket: tuple[int, int]) -> Any:
@@ -106,7 +112,8 @@ class OrtBackend(Backend):
 
     def run(self, bucket: tuple[int, int], images: np.ndarray) -> dict[str, np.ndarray]:
         outputs = self.manifest.outputs
-        values = self.session(bucket).run(outputs, {self.manifest.input_name: images})
+        feed = {self.manifest.input_name: images}
+        values = self.session(bucket).run(outputs, feed, self._run_options)
         if self.release_memory:
             release_freed_memory()
         return dict(zip(outputs, values, strict=True))
@@ -135,7 +142,7 @@ class OrtBoundBackend(OrtBackend):
             shape = [len(images), *(int(d) for d in meta.shape[1:])]
             out = outputs[meta.name] = np.empty(shape, dtype=np.float32)
             binding.bind_output(meta.name, "cpu", 0, np.float32, shape, out.ctypes.data)
-        session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding, self._run_options)
         if self.release_memory:
             release_freed_memory()
         return {name: outputs[name] for name in self.manifest.outputs}
