@@ -12,6 +12,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -150,6 +151,7 @@ def matmul_rates(
     if device == "cpu" and "fp32" in probe:
         a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
         rates["numpy-fp32"] = _rate(lambda: a @ a, n)
+        rates["onnxruntime-fp32"] = _rate(_onnxruntime_matmul(a), n)
     tf32 = fp32_math() if device == "cuda" else contextlib.nullcontext()
     with tf32:
         for precision in probe:
@@ -162,6 +164,32 @@ def matmul_rates(
 
             rates[f"torch-{precision}"] = _rate(product, n)
     return rates
+
+
+def _onnxruntime_matmul(a: Any) -> Callable[[], Any]:
+    """a @ a as one ONNX Runtime MatMul (MLAS, the library the CPU engines run on: numpy's BLAS
+    may be slower on the same cores), in a session opened like the engines'."""
+    import onnx
+    from interactive_features.runtime.backends.sessions import onnxruntime_module
+    from onnx import TensorProto, helper
+
+    shape = list(a.shape)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "a"], ["c"])],
+        "matmul_probe",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, shape)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    ort = onnxruntime_module()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    return lambda: session.run(None, {"a": a})
 
 
 def peak_rate(rates: dict[str, float], precision: str) -> float | None:

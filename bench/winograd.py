@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -27,6 +28,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -185,11 +187,13 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def compare_engines(
-    engines: list[Path], bucket: tuple[int, int], reps: int, threads: int
+    engines: list[Path], bucket: tuple[int, int], reps: int, threads: int, malloc: bool = False
 ) -> dict[str, Any]:
     """Seconds per image of each engine at `bucket`, batch 1, interleaved (median of reps), the
     speed-up of each over the first, GFLOP/s over the cost model and the fraction of the
-    measured fp32 matmul rate."""
+    measured fp32 matmul rate. `malloc` adds the first engine once more, its session opened as
+    before the shared arena (malloc per tensor, malloc_trim after each image: the runtime's
+    default until 2026-12-02), as the first row."""
     from interactive_features.bench.cost import cost_per_image
     from interactive_features.bench.machine import machine_info, matmul_rates, peak_rate
     from interactive_features.export.spec import engine_spec
@@ -197,15 +201,21 @@ def compare_engines(
     from interactive_features.runtime.manifest import EngineManifest
 
     manifests = [EngineManifest.load(e) for e in engines]
-    backends = [open_backend(m, "ort", threads=threads) for m in manifests]
     image = np.random.default_rng(0).integers(0, 256, (1, bucket[1], bucket[0], 3), np.uint8)
-    outputs = [b.run(bucket, image) for b in backends]  # warm-up (and the outputs compared)
-    times: list[list[float]] = [[] for _ in engines]
+    runs = [_malloc_run(manifests[0], bucket, image, threads)] if malloc else []
+    labels = ["malloc"] if malloc else []
+    backends = [open_backend(m, "ort", threads=threads) for m in manifests]
+    runs += [functools.partial(b.run, bucket, image) for b in backends]
+    labels += [m.settings.conv for m in manifests]
+    if malloc:
+        manifests = [manifests[0], *manifests]
+    outputs = [run() for run in runs]  # warm-up (and the outputs compared)
+    times: list[list[float]] = [[] for _ in runs]
     rates = matmul_rates("cpu", ("fp32",))
     for _ in range(reps):
-        for k, backend in enumerate(backends):
+        for k, run in enumerate(runs):
             started = time.perf_counter()
-            backend.run(bucket, image)
+            run()
             times[k].append(time.perf_counter() - started)
     rates_after = matmul_rates("cpu", ("fp32",))
     peak = max(peak_rate(rates, "fp32") or 0.0, peak_rate(rates_after, "fp32") or 0.0)
@@ -221,7 +231,7 @@ def compare_engines(
         rows.append(
             {
                 "engine": str(m.directory),
-                "conv": m.settings.conv,
+                "conv": labels[k],
                 "winograd_units": len(m.winograd),
                 "seconds": median,
                 "speedup_vs_first": statistics.median(ratios),
@@ -240,6 +250,28 @@ def compare_engines(
         "machine": machine_info(),
         "engines": rows,
     }
+
+
+def _malloc_run(
+    manifest: Any, bucket: tuple[int, int], image: np.ndarray, threads: int
+) -> Callable[[], dict[str, np.ndarray]]:
+    """One image through `manifest`'s bucket as the runtime ran it before the shared arena."""
+    from interactive_features.runtime.backends import engine_initializers, release_freed_memory
+
+    session = ort_session(
+        manifest.bucket_path(bucket),
+        engine_initializers(manifest),
+        threads=threads,
+        providers=["CPUExecutionProvider"],
+        arena=False,
+    )
+
+    def run() -> dict[str, np.ndarray]:
+        values = session.run(manifest.outputs, {manifest.input_name: image})
+        release_freed_memory()
+        return dict(zip(manifest.outputs, values, strict=True))
+
+    return run
 
 
 def engines_markdown(result: dict[str, Any]) -> str:
@@ -266,10 +298,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--units", default="", help="comma-separated units (default: all)")
     parser.add_argument("--json", type=Path, help="write the rows here")
     parser.add_argument("--engines", nargs="+", type=Path, help="time these engines instead")
+    parser.add_argument(
+        "--malloc",
+        action="store_true",
+        help="with --engines: also the first engine with sessions as before the shared arena",
+    )
     args = parser.parse_args(argv)
     bucket = parse_size(args.bucket)
     if args.engines:
-        result = compare_engines(args.engines, bucket, args.reps, args.threads)
+        result = compare_engines(args.engines, bucket, args.reps, args.threads, args.malloc)
         print(engines_markdown(result))
         print(f"matmul GFLOP/s: {result['matmul']}")
         if args.json:

@@ -76,7 +76,7 @@ def check_schema(run: dict[str, Any], reps: int) -> None:
     assert run["machine"]["cpu"] and isinstance(run["machine"]["flags"], list)
     assert run["machine"]["versions"]["onnxruntime"] and run["machine"]["versions"]["torch"]
     rates = run["matmul"]["gflops"]
-    assert rates["torch-fp32"] > 0 and rates["numpy-fp32"] > 0
+    assert rates["torch-fp32"] > 0 and rates["numpy-fp32"] > 0 and rates["onnxruntime-fp32"] > 0
     assert "torch-bf16" not in rates  # only the precisions benchmarked (fp32) are probed
     assert run["cost"][BUCKET]["interactive"]["gflop"] > run["cost"][BUCKET]["forward"]["gflop"]
     for case in ok_cases(run):

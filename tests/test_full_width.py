@@ -138,3 +138,23 @@ def test_fixed_224(tmp_path: Path, state_dict: dict) -> None:
     print(f"\nfixed 224x224, error against the reference:\n{table}")
     err = assert_close(got, want)
     print(f"\nfull-width VGG-16 fixed 224x224: max per-layer rel err {err:.2e}")
+
+
+def test_winograd_engine_area_256(tmp_path: Path, state_dict: dict) -> None:
+    """`--conv auto` (F(4,3) Winograd, forward and backward, conv-3-1 .. conv-5-3) on the same
+    images: every layer within the fp32 tolerance of the reference."""
+    engine = tmp_path / "vgg16-auto"
+    export(engine, "--area", "256", "--buckets", "256x256,288x224", "--conv", "auto")
+    rng = np.random.default_rng(99)
+    images: list = [str(p) for p in photos() if "portrait" not in p.name]
+    images += [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for w, h in [(300, 300), (640, 500)]]
+    with Extractor.open(engine) as ex:
+        assert len(ex.manifest.winograd) == 9
+        feats = ex.extract(images, batch_size=4)
+        assert not feats.errors
+        want = reference_for(ex, images, state_dict)
+    got = {t: feats[t] for t in PAPER_LAYERS}
+    table = error_table(got, want, [image_label(im) for im in images])
+    print(f"\narea 256, --conv auto, error against the reference:\n{table}")
+    err = assert_close(got, want)
+    print(f"\nfull-width VGG-16 area 256 --conv auto: max per-layer rel err {err:.2e}")

@@ -196,6 +196,26 @@ def test_bench_times_a_winograd_engine_beside_its_direct_twin(winograd_engine, t
     assert "ort direct-conv" in text and "x the direct-convolution engine" in text
 
 
+def test_engine_comparison_with_the_malloc_baseline(winograd_engine, narrow_engine: Path):
+    """bench/winograd.py --engines DIRECT WINOGRAD --malloc: the direct engine once more with
+    sessions as before the shared arena, first; the same graph gives the same numbers whatever
+    the allocator, and every row has its speed-up and fraction of the matmul rate."""
+    mode, out = winograd_engine
+    if mode != "f4":
+        pytest.skip("one comparison is enough")
+    from interactive_features.bench.winograd import compare_engines, engines_markdown
+
+    result = compare_engines([narrow_engine, out], (288, 224), reps=2, threads=2, malloc=True)
+    rows = result["engines"]
+    assert [r["conv"] for r in rows] == ["malloc", "direct", "f4"]
+    assert rows[0]["engine"] == rows[1]["engine"] == str(narrow_engine)
+    assert rows[1]["max_rel_diff_vs_first"] == 0.0  # the allocator changes no number
+    assert 0 < rows[2]["max_rel_diff_vs_first"] < FP32_TOLERANCE
+    assert all(r["seconds"] > 0 and r["of_matmul"] > 0 for r in rows)
+    assert "onnxruntime-fp32" in result["matmul"]["before"]
+    assert "| malloc |" in engines_markdown(result)
+
+
 def test_an_engine_from_before_conv_is_direct_and_takes_more_buckets(narrow_engine, tmp_path):
     """A manifest without `export.conv` and `winograd` (written before the option) reads as
     `--conv direct` (the default, so its export command needs no flag); adding a bucket with the
