@@ -42,8 +42,8 @@ WEIGHT_SOURCES = (
 )
 
 # How the 3x3 convolutions of an engine's graphs are written (export/winograd.py): `auto` as
-# Winograd F(4x4,3x3) where the CPU benchmark measured it faster (the deep 512-channel layers,
-# bench/RESULTS.md) and direct elsewhere; `direct` everywhere direct (what GPU backends and
+# Winograd F(4x4,3x3) where the CPU benchmark measured it faster (every step with 256 channels on
+# one side, bench/RESULTS.md) and direct elsewhere; `direct` everywhere direct (what GPU backends and
 # TensorRT builds take); `f2`/`f4` every 3x3 step as F(2x2,3x3)/F(4x4,3x3) (tests, experiments).
 CONV_MODES = ("auto", "direct", "f2", "f4")
 # The export record's value for a setting that manifests written before it existed lack.
@@ -98,8 +98,8 @@ class ExportSettings:
     width_div: int = 1  # > 1: every width divided (narrow test networks)
     area: int = DEFAULT_AREA_SIDE  # the bucket rule's target area, as the side of a square
     fixed: str | None = None  # "224x224": one bucket for every image (the paper's ORIG baseline)
-    # CONV_MODES. direct by default: `auto` measured only 1.07x on the CPU (bench/RESULTS.md) for
-    # a weights.bin 24% larger (the transformed kernels), and GPU backends refuse it.
+    # CONV_MODES. direct by default: `auto` (1.3-1.5x on the CPU, bench/RESULTS.md) makes graphs
+    # that GPU backends refuse, and an engine directory has one graph per bucket.
     conv: str = "direct"
 
     def __post_init__(self) -> None:
@@ -207,6 +207,6 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "--conv",
         default=d.conv,
         choices=CONV_MODES,
-        help="3x3 convolutions: direct (any backend), auto (CPU only: Winograd F(4,3) for the "
-        "512-channel backward steps, 1.07x, weights.bin +24%%), f2 or f4 (every 3x3 step)",
+        help="3x3 convolutions: direct (any backend), auto (CPU only: Winograd F(4,3) from 256 "
+        "channels on, 1.3-1.5x, weights.bin +68%%), f2 or f4 (every 3x3 step)",
     )
