@@ -42,9 +42,10 @@ WEIGHT_SOURCES = (
 )
 
 # How the 3x3 convolutions of an engine's graphs are written (export/winograd.py): `auto` as
-# Winograd F(4x4,3x3) where the CPU benchmark measured it faster (every step with 256 channels on
-# one side, bench/RESULTS.md) and direct elsewhere; `direct` everywhere direct (what GPU backends and
-# TensorRT builds take); `f2`/`f4` every 3x3 step as F(2x2,3x3)/F(4x4,3x3) (tests, experiments).
+# Winograd F(4x4,3x3) where the CPU benchmark measured it faster (every step with 256 channels
+# on one side, bench/RESULTS.md) and direct elsewhere; `direct` everywhere direct (what GPU
+# backends and TensorRT builds take); `f2`/`f4` every 3x3 step as F(2x2,3x3)/F(4x4,3x3)
+# (tests, experiments).
 CONV_MODES = ("auto", "direct", "f2", "f4")
 # The export record's value for a setting that manifests written before it existed lack.
 LEGACY_IDENTITY: dict[str, Any] = {"conv": "direct"}

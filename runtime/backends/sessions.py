@@ -11,6 +11,7 @@ set it) when it is imported itself, before any onnxruntime import of this packag
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -105,6 +106,7 @@ def ort_session(
 
 
 _arena_registered = False
+_arena_lock = threading.Lock()  # two threads opening their first sessions register it once
 
 
 def shared_cpu_arena() -> None:
@@ -114,15 +116,16 @@ def shared_cpu_arena() -> None:
     unused memory back.
     """
     global _arena_registered
-    if _arena_registered:
-        return
-    ort = onnxruntime_module()
-    cpu = ort.OrtMemoryInfo(
-        "Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT
-    )
-    # max_mem 0 (no cap), extend strategy 1 (kSameAsRequested), default chunk and dead bytes.
-    ort.create_and_register_allocator(cpu, ort.OrtArenaCfg(0, 1, -1, -1))
-    _arena_registered = True
+    with _arena_lock:
+        if _arena_registered:
+            return
+        ort = onnxruntime_module()
+        cpu = ort.OrtMemoryInfo(
+            "Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT
+        )
+        # max_mem 0 (no cap), extend strategy 1 (kSameAsRequested), default chunk and dead bytes.
+        ort.create_and_register_allocator(cpu, ort.OrtArenaCfg(0, 1, -1, -1))
+        _arena_registered = True
 
 
 def release_after_run() -> Any:
