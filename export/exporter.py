@@ -148,10 +148,14 @@ def _export_locked(
     if settings.weights.startswith("random:"):
         log("NOTE: random weights: the features are for tests and smoke runs, not for retrieval")
     state_dict = load_state_dict(settings.weights, spec.arch, spec.width_div)
-    graph = AnalyticGraph(spec, state_dict, winograd=_winograd_plan(manifest, spec)).eval()
-    if graph.winograd:
-        log(f"Winograd convolutions (--conv {settings.conv}): {_describe(manifest['winograd'])}")
-    _check_free_space(out, graph, manifest, len(todo))
+    graphs = _graphs(spec, state_dict, manifest)
+    if manifest["winograd"]:
+        where = " (the CPU graphs)" if manifest.get("cpu_graphs") else ""
+        log(
+            f"Winograd convolutions{where} (--conv {settings.conv}): "
+            f"{_describe(manifest['winograd'])}"
+        )
+    _check_free_space(out, graphs, manifest, len(todo))
     weights = SharedWeights(out, manifest["weights"]["tensors"])
     try:
         weights.truncate_to_table()  # bytes a crash appended but never recorded
@@ -159,19 +163,14 @@ def _export_locked(
         raise EngineError(write_error(weights.path, err)) from err
     for n, bucket in enumerate(todo, 1):
         started = time.perf_counter()
-        entry = _export_bucket(graph, spec, state_dict, bucket, weights, out, request.validate)
+        entry = _export_bucket(graphs, spec, state_dict, bucket, weights, out, request.validate)
         entry["export_seconds"] = round(time.perf_counter() - started, 2)
         _record(manifest, weights, bucket, entry)
         try:
             write_manifest(out, manifest)
         except OSError as err:
             raise EngineError(write_error(out / MANIFEST_FILE, err)) from err
-        err = entry.get("validation", {}).get("max_rel_err")
-        check = f"max rel err {err:.1e}" if err is not None else "not validated"
-        log(
-            f"[{n}/{len(todo)}] {format_size(bucket)}: {entry['export_seconds']:.1f} s, {check}, "
-            f"{entry['file']} ({entry['bytes'] / 1024:.0f} KiB)"
-        )
+        log(f"[{n}/{len(todo)}] {format_size(bucket)}: {_bucket_line(entry)}")
     return EngineManifest(out, manifest)
 
 
@@ -199,7 +198,8 @@ def _interrupted_first_export(out: Path) -> bool:
     """A weights.bin and no manifest.json is what a first export leaves when it is killed before
     recording its first bucket: only weights.bin, unrecorded bucket graphs, the lock file."""
     return all(
-        p.name in (WEIGHTS_FILE, ENGINE_LOCK) or re.fullmatch(r"bucket-\d+x\d+\.onnx", p.name)
+        p.name in (WEIGHTS_FILE, ENGINE_LOCK)
+        or re.fullmatch(r"bucket-\d+x\d+(\.cpu)?\.onnx", p.name)
         for p in out.iterdir()
     )
 
@@ -214,6 +214,8 @@ def _winograd_plan(manifest: dict[str, Any], spec: FeatureSpec) -> dict[str, dic
         manifest["winograd"] = conv_plan(spec, conv, backward_convs(spec))
         if manifest["winograd"]:
             manifest["winograd_layout"] = LAYOUT
+            # `auto` is for every backend: direct graphs beside the CPU's Winograd ones
+            manifest["cpu_graphs"] = conv == "auto"
     elif manifest["winograd"] and manifest.get("winograd_layout", 1) != LAYOUT:
         raise EngineError(
             "this engine's Winograd kernels are stored in layout "
@@ -224,6 +226,39 @@ def _winograd_plan(manifest: dict[str, Any], spec: FeatureSpec) -> dict[str, dic
     return manifest["winograd"]
 
 
+@dataclass(frozen=True)
+class BucketGraphs:
+    """What a bucket's files are exported from: `main` (the `file` every backend takes) and,
+    for an engine with `cpu_graphs`, `cpu` (the `cpu_file` with Winograd steps)."""
+
+    main: AnalyticGraph
+    cpu: AnalyticGraph | None = None
+
+    def all(self) -> list[AnalyticGraph]:
+        return [self.main] if self.cpu is None else [self.main, self.cpu]
+
+
+def _graphs(spec: FeatureSpec, state_dict: dict[str, torch.Tensor], manifest: dict) -> BucketGraphs:
+    plan = _winograd_plan(manifest, spec)
+    if manifest.get("cpu_graphs"):
+        cpu = AnalyticGraph(spec, state_dict, winograd=plan).eval()
+        return BucketGraphs(AnalyticGraph(spec, state_dict).eval(), cpu)
+    return BucketGraphs(AnalyticGraph(spec, state_dict, winograd=plan).eval())
+
+
+def _bucket_line(entry: dict[str, Any]) -> str:
+    """`12.3 s, max rel err 1.4e-04, bucket-512x512.onnx (36 KiB)[, CPU graph ...]`."""
+    parts = [f"{entry['export_seconds']:.1f} s"]
+    for prefix, what in (("", ""), ("cpu_", "CPU graph ")):
+        if f"{prefix}file" not in entry:
+            continue
+        err = entry.get(f"{prefix}validation", {}).get("max_rel_err")
+        check = f"max rel err {err:.1e}" if err is not None else "not validated"
+        size = entry[f"{prefix}bytes"] / 1024
+        parts.append(f"{what}{check}, {entry[f'{prefix}file']} ({size:.0f} KiB)")
+    return ", ".join(parts)
+
+
 def _describe(plan: dict[str, dict[str, str]]) -> str:
     return ", ".join(
         f"{unit} {'/'.join(f'{d} {m}' for d, m in steps.items())}" for unit, steps in plan.items()
@@ -231,15 +266,16 @@ def _describe(plan: dict[str, dict[str, str]]) -> str:
 
 
 def _check_free_space(
-    out: Path, graph: AnalyticGraph, manifest: dict[str, Any], buckets: int
+    out: Path, graphs: BucketGraphs, manifest: dict[str, Any], buckets: int
 ) -> None:
     """Refuse before the work when OUT's filesystem cannot hold what the export writes: at most
-    every buffer of the graph (the weights, the flipped or Winograd-transformed kernels of the
+    every buffer of the graphs (the weights, the flipped or Winograd-transformed kernels of the
     backward pass, the forward's Winograd kernels; when weights.bin holds nothing yet) and about
     1 MiB per bucket graph (written beside its temporary)."""
-    needed = buckets << 20
+    needed = len(graphs.all()) * buckets << 20
     if not manifest["weights"]["tensors"]:
-        needed += sum(b.numel() * b.element_size() for b in graph.buffers())
+        buffers = {n: b for g in graphs.all() for n, b in g.named_buffers()}
+        needed += sum(b.numel() * b.element_size() for b in buffers.values())
     try:
         stat = os.statvfs(out)
     except OSError:
@@ -262,9 +298,11 @@ def _load_or_start(
         different = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
         if different:
             detail = ", ".join(f"{k}: {a!r} there, {b!r} asked" for k, (a, b) in different.items())
+            fix = "export into another --out directory"
+            if set(different) == {"conv"}:
+                fix = f"pass --conv {different['conv'][0]} to add buckets to it, or {fix}"
             raise EngineError(
-                f"{out} holds an engine exported with other settings ({detail}); "
-                "export into another --out directory"
+                f"{out} holds an engine exported with other settings ({detail}); {fix}"
             )
         return manifest
     if (out / WEIGHTS_FILE).exists():
@@ -307,7 +345,7 @@ def _load_or_start(
 
 
 def _export_bucket(
-    graph: AnalyticGraph,
+    graphs: BucketGraphs,
     spec: FeatureSpec,
     state_dict: dict[str, torch.Tensor],
     bucket: tuple[int, int],
@@ -315,20 +353,28 @@ def _export_bucket(
     out: Path,
     validate: bool,
 ) -> dict[str, Any]:
-    name = f"bucket-{format_size(bucket)}.onnx"
-    model = to_onnx(graph, spec, bucket)
-    weights.externalize(model)
-    _keep_raw_weights(graph, model, weights)
-    entry: dict[str, Any] = {"file": name, "width": bucket[0], "height": bucket[1]}
-    try:
-        with atomic_path(out / name) as tmp:
-            onnx.save(model, tmp)
-            onnx.checker.check_model(str(tmp))
-            if validate:
-                entry["validation"] = validate_bucket(tmp, weights, spec, state_dict, bucket)
-    except OSError as err:  # disk full, read-only: the temporary is gone, nothing recorded
-        raise EngineError(write_error(out / name, err)) from err
-    entry["bytes"] = (out / name).stat().st_size
+    """Write the bucket's graph (and its CPU graph), each checked, and each validated against
+    one run of the reference; the manifest entry, not yet recorded."""
+    entry: dict[str, Any] = {"width": bucket[0], "height": bucket[1]}
+    image, want = _validation_case(spec, state_dict, bucket) if validate else (None, None)
+    for prefix, graph in (("", graphs.main), ("cpu_", graphs.cpu)):
+        if graph is None:
+            continue
+        name = f"bucket-{format_size(bucket)}{'.cpu' if prefix else ''}.onnx"
+        entry[f"{prefix}file"] = name
+        model = to_onnx(graph, spec, bucket)
+        weights.externalize(model)
+        _keep_raw_weights(graph, model, weights)
+        try:
+            with atomic_path(out / name) as tmp:
+                onnx.save(model, tmp)
+                onnx.checker.check_model(str(tmp))
+                if image is not None and want is not None:
+                    report = validate_bucket(tmp, weights, spec, image, want, bucket)
+                    entry[f"{prefix}validation"] = report
+        except OSError as err:  # disk full, read-only: the temporary is gone, nothing recorded
+            raise EngineError(write_error(out / name, err)) from err
+        entry[f"{prefix}bytes"] = (out / name).stat().st_size
     entry["exported_at"] = _now()
     return entry
 
@@ -381,17 +427,25 @@ def _strip_debug_info(model: onnx.ModelProto) -> None:
         del value.metadata_props[:]
 
 
+def _validation_case(
+    spec: FeatureSpec, state_dict: dict[str, torch.Tensor], bucket: tuple[int, int]
+) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+    """A random image of the bucket (seeded by its size) and the autograd reference's outputs."""
+    width, height = bucket
+    rng = np.random.default_rng(width * 10007 + height)
+    image = rng.integers(0, 256, size=(1, height, width, 3), dtype=np.uint8)
+    return image, reference_features(spec, state_dict, torch.from_numpy(image))
+
+
 def validate_bucket(
     model: Path,
     weights: SharedWeights,
     spec: FeatureSpec,
-    state_dict: dict[str, torch.Tensor],
+    image: np.ndarray,
+    want: dict[str, torch.Tensor],
     bucket: tuple[int, int],
 ) -> dict[str, Any]:
-    """Run the file in ONNX Runtime on a random image and compare with the autograd reference."""
-    width, height = bucket
-    rng = np.random.default_rng(width * 10007 + height)
-    image = rng.integers(0, 256, size=(1, height, width, 3), dtype=np.uint8)
+    """Run the file in ONNX Runtime on `image` and compare with the reference's `want`."""
     initializers = shared_initializers(weights.path, weights.tensors)
     session = ort_session(model, initializers, providers=["CPUExecutionProvider"])
     names = spec.output_names()
@@ -399,10 +453,10 @@ def validate_bucket(
     for name, value in got.items():
         if not np.isfinite(value).all():
             raise ExportValidationError(
-                f"bucket {format_size(bucket)}: output {name!r} has NaN or infinite values "
-                f"({int((~np.isfinite(value)).sum())} of {value.size}); nothing recorded"
+                f"bucket {format_size(bucket)}: {model.name}: output {name!r} has NaN or "
+                f"infinite values ({int((~np.isfinite(value)).sum())} of {value.size}); "
+                "nothing recorded"
             )
-    want = reference_features(spec, state_dict, torch.from_numpy(image))
     report = conformance_report(got, want, "fp32", label=f"bucket {format_size(bucket)}")
     if not report.ok:
         raise ExportValidationError(

@@ -94,10 +94,18 @@ class EngineManifest:
         write as Winograd convolutions (export --conv); empty for an all-direct engine."""
         return {unit: dict(steps) for unit, steps in self.data.get("winograd", {}).items()}
 
+    @property
+    def cpu_graphs(self) -> bool:
+        """True when every bucket has two graphs (export --conv auto): `file` with direct
+        convolutions, for every backend, and `cpu_file` with the `winograd` steps, which the
+        ONNX Runtime CPU backend runs (`bucket_path(bucket, cpu=True)`)."""
+        return bool(self.data.get("cpu_graphs", False))
+
     def direct_convolutions_reason(self, what: str) -> str | None:
         """Why `what` (a GPU backend, a TensorRT build) cannot take this engine's graphs, or None:
-        Winograd graphs are for the CPU; GPUs run their own convolution algorithms."""
-        if not self.winograd:
+        Winograd graphs are for the CPU; GPUs run their own convolution algorithms. An engine
+        with `cpu_graphs` has direct graphs for them."""
+        if not self.winograd or self.cpu_graphs:
             return None
         return (
             f"{what} takes direct convolutions, and {self.directory} writes "
@@ -137,11 +145,14 @@ class EngineManifest:
             raise EngineError(f"{self.directory}: unknown bucket_rule.kind {rule['kind']!r}")
         return bucket_for(width, height, int(rule["area"]))
 
-    def bucket_path(self, bucket: tuple[int, int]) -> Path:
+    def bucket_path(self, bucket: tuple[int, int], cpu: bool = False) -> Path:
+        """The bucket's graph file; `cpu=True`: the one for the ONNX Runtime CPU backend (its
+        Winograd graph where the engine has `cpu_graphs`, else the same file)."""
         entry = self.data["buckets"].get(format_size(bucket))
         if entry is None:
             raise self.missing_bucket(bucket)
-        return self.directory / engine_relative(entry["file"], f"buckets.{format_size(bucket)}")
+        key = "cpu_file" if cpu and "cpu_file" in entry else "file"
+        return self.directory / engine_relative(entry[key], f"buckets.{format_size(bucket)}.{key}")
 
     @property
     def weights_path(self) -> Path:
@@ -290,6 +301,8 @@ def _check_manifest(data: dict[str, Any]) -> None:
         if not isinstance(entry, dict):
             raise _Invalid(where, f"must be an object, got {_type_name(entry)}")
         _file(entry, where, "file")
+        if "cpu_file" in entry or data.get("cpu_graphs"):
+            _file(entry, where, "cpu_file")
         width, height = _count(entry, where, "width", 1), _count(entry, where, "height", 1)
         if name != f"{width}x{height}":
             raise _Invalid(where, f"names bucket {name!r} but holds {width}x{height}")
@@ -332,6 +345,8 @@ def _check_manifest(data: dict[str, Any]) -> None:
                     raise _Invalid(where, f"expected forward/backward: f2 or f4, got {mode!r:.20}")
     if "winograd_layout" in data:  # export/winograd.py LAYOUT of the stored kernels
         _get(data, "", "winograd_layout", int)
+    if "cpu_graphs" in data:
+        _get(data, "", "cpu_graphs", bool)
     if "heatmaps" in data:
         _get(data, "", "heatmaps", bool)
     tensorrt = data.get("tensorrt")

@@ -99,9 +99,9 @@ class ExportSettings:
     width_div: int = 1  # > 1: every width divided (narrow test networks)
     area: int = DEFAULT_AREA_SIDE  # the bucket rule's target area, as the side of a square
     fixed: str | None = None  # "224x224": one bucket for every image (the paper's ORIG baseline)
-    # CONV_MODES. direct by default: `auto` (1.3-1.5x on the CPU, bench/RESULTS.md) makes graphs
-    # that GPU backends refuse, and an engine directory has one graph per bucket.
-    conv: str = "direct"
+    # CONV_MODES. `auto`: direct graphs for every backend, and where Winograd wins (full-width
+    # networks) a second graph per bucket for the CPU (1.3-1.5x there, bench/RESULTS.md).
+    conv: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -208,6 +208,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "--conv",
         default=d.conv,
         choices=CONV_MODES,
-        help="3x3 convolutions: direct (any backend), auto (CPU only: Winograd F(4,3) from 256 "
-        "channels on, 1.3-1.5x, weights.bin +68%%), f2 or f4 (every 3x3 step)",
+        help="3x3 convolutions: auto (direct graphs, plus CPU graphs with Winograd F(4,3) from "
+        "256 channels on: 1.3-1.5x on the CPU, weights.bin +78%%), direct (direct graphs only), "
+        "f2 or f4 (every 3x3 step, one graph: experiments, CPU only)",
     )

@@ -88,7 +88,8 @@ def error_table(got: dict[str, np.ndarray], want: dict[str, np.ndarray], labels:
 
 def test_area_256_api_and_cli(tmp_path: Path, state_dict: dict) -> None:
     engine = tmp_path / "vgg16-last-p2"
-    export(engine, "--area", "256", "--buckets", "256x256,288x224")
+    # the direct graphs (what GPU backends take); the default's CPU graphs: the Winograd test
+    export(engine, "--area", "256", "--buckets", "256x256,288x224", "--conv", "direct")
     rng = np.random.default_rng(99)
     images: list = [str(p) for p in photos() if "portrait" not in p.name]  # portrait: 224x288
     images += [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for w, h in [(300, 300), (640, 500)]]
@@ -141,15 +142,15 @@ def test_fixed_224(tmp_path: Path, state_dict: dict) -> None:
 
 
 def test_winograd_engine_area_256(tmp_path: Path, state_dict: dict) -> None:
-    """`--conv auto` (F(4,3) Winograd, forward and backward, conv-3-1 .. conv-5-3) on the same
-    images: every layer within the fp32 tolerance of the reference."""
+    """The default `--conv auto`'s CPU graphs (F(4,3) Winograd, forward and backward, conv-3-1 ..
+    conv-5-3) on the same images: every layer within the fp32 tolerance of the reference."""
     engine = tmp_path / "vgg16-auto"
-    export(engine, "--area", "256", "--buckets", "256x256,288x224", "--conv", "auto")
+    export(engine, "--area", "256", "--buckets", "256x256,288x224")
     rng = np.random.default_rng(99)
     images: list = [str(p) for p in photos() if "portrait" not in p.name]
     images += [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for w, h in [(300, 300), (640, 500)]]
     with Extractor.open(engine) as ex:
-        assert len(ex.manifest.winograd) == 9
+        assert len(ex.manifest.winograd) == 9 and ex.manifest.cpu_graphs
         feats = ex.extract(images, batch_size=4)
         assert not feats.errors
         want = reference_for(ex, images, state_dict)

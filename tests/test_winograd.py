@@ -17,7 +17,7 @@ from interactive_features.engines.tensorrt_build import BuildSettings, build_pla
 from interactive_features.export.exporter import export_engine
 from interactive_features.export.graph import AnalyticGraph, backward_convs
 from interactive_features.export.reference import reference_features
-from interactive_features.export.spec import FeatureSpec
+from interactive_features.export.spec import FeatureSpec, engine_spec, load_state_dict
 from interactive_features.export.winograd import (
     conv_plan,
     transform_kernels,
@@ -25,6 +25,7 @@ from interactive_features.export.winograd import (
     winograd_conv3x3,
 )
 from interactive_features.runtime import Extractor
+from interactive_features.runtime.backends import engine_initializers, ort_session
 from interactive_features.runtime.backends.ort import OrtCudaBackend, OrtTensorrtBackend
 from interactive_features.runtime.conformance import FP32_TOLERANCE, conformance_report
 from interactive_features.runtime.manifest import EngineError, EngineManifest
@@ -72,7 +73,7 @@ def test_plans() -> None:
 def test_conv_setting_round_trips_through_the_command_line_and_the_manifest() -> None:
     parser = argparse.ArgumentParser()
     add_export_arguments(parser)
-    assert ExportSettings().conv == "direct"
+    assert ExportSettings().conv == "auto"
     settings = ExportSettings(weights="random:0", conv="f2")
     again = ExportSettings.from_args(parser.parse_args(settings.export_args()))
     assert again == settings
@@ -207,7 +208,7 @@ def test_engine_comparison_with_the_malloc_baseline(winograd_engine, narrow_engi
 
     result = compare_engines([narrow_engine, out], (288, 224), reps=2, threads=2, malloc=True)
     rows = result["engines"]
-    assert [r["conv"] for r in rows] == ["malloc", "direct", "f4"]
+    assert [r["conv"] for r in rows] == ["malloc", "auto", "f4"]  # narrow `auto`: direct only
     assert rows[0]["engine"] == rows[1]["engine"] == str(narrow_engine)
     assert rows[1]["max_rel_diff_vs_first"] == 0.0  # the allocator changes no number
     assert 0 < rows[2]["max_rel_diff_vs_first"] < FP32_TOLERANCE
@@ -218,8 +219,8 @@ def test_engine_comparison_with_the_malloc_baseline(winograd_engine, narrow_engi
 
 def test_an_engine_from_before_conv_is_direct_and_takes_more_buckets(narrow_engine, tmp_path):
     """A manifest without `export.conv` and `winograd` (written before the option) reads as
-    `--conv direct` (the default, so its export command needs no flag); adding a bucket with the
-    default works, and asking for `auto` there is refused, naming both."""
+    `--conv direct`, so its export command names it; adding a bucket with the default (`auto`)
+    is refused, naming both and the flag that adds it; with `--conv direct` it works."""
     import shutil
 
     engine = tmp_path / "old"
@@ -229,11 +230,78 @@ def test_an_engine_from_before_conv_is_direct_and_takes_more_buckets(narrow_engi
     (engine / "manifest.json").write_text(json.dumps(data))
     manifest = EngineManifest.load(engine)
     assert manifest.settings.conv == "direct" and manifest.winograd == {}
-    assert "--conv" not in manifest.export_command([(288, 256)])
-    with pytest.raises(EngineError, match="conv: 'direct' there, 'auto' asked"):
-        export_engine(narrow_request(engine, "288x256", heatmaps=True, conv="auto"), log=print)
-    export_engine(narrow_request(engine, "288x256", heatmaps=True), log=print)
+    assert "--conv direct" in manifest.export_command([(288, 256)])
+    match = "conv: 'direct' there, 'auto' asked\\); pass --conv direct to add buckets to it"
+    with pytest.raises(EngineError, match=match):
+        export_engine(narrow_request(engine, "288x256", heatmaps=True), log=print)
+    export_engine(narrow_request(engine, "288x256", heatmaps=True, conv="direct"), log=print)
     assert (288, 256) in EngineManifest.load(engine).buckets
+
+
+@pytest.fixture(scope="module")
+def dual_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default `--conv auto` where its plan has steps: the half-width network (256 channels
+    from conv-4-1 on), area 256, one bucket."""
+    out = tmp_path_factory.mktemp("dual") / "half"
+    export_engine(narrow_request(out, "256x256", width_div=2, heatmaps=True), log=print)
+    return out
+
+
+def test_auto_writes_direct_graphs_for_every_backend_and_winograd_graphs_for_the_cpu(
+    dual_engine: Path, tmp_path: Path
+) -> None:
+    manifest = EngineManifest.load(dual_engine)
+    assert manifest.settings.conv == "auto" and manifest.cpu_graphs
+    assert list(manifest.winograd) == [f"conv-{b}-{k}" for b in (4, 5) for k in (1, 2, 3)]
+    direct, cpu = manifest.bucket_path((256, 256)), manifest.bucket_path((256, 256), cpu=True)
+    assert (direct.name, cpu.name) == ("bucket-256x256.onnx", "bucket-256x256.cpu.onnx")
+    ops = {
+        p: {n.op_type for n in onnx.load(str(p), load_external_data=False).graph.node}
+        for p in (direct, cpu)
+    }
+    assert ops[direct] <= ALLOWED_OPS and "MatMul" not in ops[direct] and "MatMul" in ops[cpu]
+    entry = manifest.data["buckets"]["256x256"]
+    for key in ("validation", "cpu_validation"):
+        assert entry[key]["max_rel_err"] <= FP32_TOLERANCE
+    # GPU backends and TensorRT builds take the direct graphs: nothing to refuse
+    assert manifest.direct_convolutions_reason("a TensorRT build") is None
+    # the CPU backend runs the Winograd graph; both within the tolerance of the reference
+    image = np.random.default_rng(5).integers(0, 256, (1, 256, 256, 3), np.uint8)
+    state_dict = load_state_dict("random:0", "vgg16", 2)
+    want = reference_features(engine_spec(manifest), state_dict, torch.from_numpy(image))
+    with Extractor.open(dual_engine) as ex:
+        assert ex.backend.runs_on_cpu
+        got_cpu = ex.backend.run((256, 256), image)
+    session = ort_session(direct, engine_initializers(manifest), providers=["CPUExecutionProvider"])
+    values = session.run(manifest.outputs, {manifest.input_name: image})
+    got_direct = dict(zip(manifest.outputs, values, strict=True))
+    for got in (got_cpu, got_direct):
+        report = conformance_report(got, want, "fp32", label="dual")
+        assert report.ok, report.summary()
+    diff = max(conformance_report(got_cpu, got_direct, "fp32", label="x").errors.values())
+    assert 0 < diff < FP32_TOLERANCE  # not the same graph
+
+
+def test_a_missing_cpu_graph_is_that_buckets_error_and_a_manifest_without_it_is_refused(
+    dual_engine: Path, tmp_path: Path
+) -> None:
+    """The CPU graph is a file like the others: missing, the bucket's images are error rows
+    naming it (the direct graph is not silently used instead); a `cpu_graphs` manifest whose
+    bucket lacks `cpu_file` is refused, naming the key."""
+    import shutil
+
+    engine = tmp_path / "dual"
+    shutil.copytree(dual_engine, engine)
+    (engine / "bucket-256x256.cpu.onnx").unlink()
+    image = np.full((256, 256, 3), 120, np.uint8)
+    with Extractor.open(engine) as ex:
+        features = ex.extract([image])
+    assert "bucket-256x256.cpu.onnx" in features.errors[0] and not features.ok.any()
+    data = json.loads((engine / "manifest.json").read_text())
+    del data["buckets"]["256x256"]["cpu_file"]
+    (engine / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(EngineError, match=r"buckets\.256x256\.cpu_file: missing"):
+        EngineManifest.load(engine)
 
 
 def test_an_engine_of_the_first_winograd_layout_keeps_its_graphs_but_takes_no_bucket(

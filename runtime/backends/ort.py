@@ -35,6 +35,7 @@ from .sessions import (
     release_after_run,
 )
 
+CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
 TENSORRT_PROVIDER = "TensorrtExecutionProvider"
 TF32_OVERRIDE = "NVIDIA_TF32_OVERRIDE"
@@ -93,7 +94,7 @@ class OrtBackend(Backend):
         (an EngineError carrying the bucket), so a job can fail that bucket's images only."""
         try:
             return ort_session(
-                self.manifest.bucket_path(bucket),
+                self.manifest.bucket_path(bucket, cpu=self.runs_on_cpu),
                 engine_initializers(self.manifest),
                 providers=self.providers,
                 threads=self.threads,
@@ -105,6 +106,12 @@ class OrtBackend(Backend):
                 "good copy of the engine or export the engine again into a new --out directory",
                 bucket,
             ) from err
+
+    @property
+    def runs_on_cpu(self) -> bool:
+        """Only the CPU provider: the sessions open the engine's CPU graphs (Winograd steps,
+        where it has them); any other provider takes the direct-convolution graphs."""
+        return all(_provider_name(p) == CPU_PROVIDER for p in self.providers)
 
     @property
     def open_buckets(self) -> list[tuple[int, int]]:
@@ -120,6 +127,11 @@ class OrtBackend(Backend):
 
     def close(self) -> None:
         self._sessions.clear()
+
+
+def _provider_name(provider: Any) -> str:
+    """A provider as onnxruntime takes it: a name, or a (name, options) pair."""
+    return str(provider[0] if isinstance(provider, (tuple, list)) else provider)
 
 
 class OrtBoundBackend(OrtBackend):
