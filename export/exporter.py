@@ -370,7 +370,7 @@ def _export_bucket(
                 onnx.save(model, tmp)
                 onnx.checker.check_model(str(tmp))
                 if image is not None and want is not None:
-                    report = validate_bucket(tmp, weights, spec, image, want, bucket)
+                    report = validate_bucket(tmp, weights, spec, image, want, bucket, name)
                     entry[f"{prefix}validation"] = report
         except OSError as err:  # disk full, read-only: the temporary is gone, nothing recorded
             raise EngineError(write_error(out / name, err)) from err
@@ -444,24 +444,26 @@ def validate_bucket(
     image: np.ndarray,
     want: dict[str, torch.Tensor],
     bucket: tuple[int, int],
+    name: str,
 ) -> dict[str, Any]:
-    """Run the file in ONNX Runtime on `image` and compare with the reference's `want`."""
+    """Run the file in ONNX Runtime on `image` and compare with the reference's `want`; errors
+    name the bucket and the graph `name` (the file it is written to, not its temporary)."""
+    where = f"bucket {format_size(bucket)}: {name}"
     initializers = shared_initializers(weights.path, weights.tensors)
     session = ort_session(model, initializers, providers=["CPUExecutionProvider"])
-    names = spec.output_names()
-    got = dict(zip(names, session.run(names, {INPUT_NAME: image}), strict=True))
-    for name, value in got.items():
+    outputs = spec.output_names()
+    got = dict(zip(outputs, session.run(outputs, {INPUT_NAME: image}), strict=True))
+    for output, value in got.items():
         if not np.isfinite(value).all():
             raise ExportValidationError(
-                f"bucket {format_size(bucket)}: {model.name}: output {name!r} has NaN or "
-                f"infinite values ({int((~np.isfinite(value)).sum())} of {value.size}); "
-                "nothing recorded"
+                f"{where}: output {output!r} has NaN or infinite values "
+                f"({int((~np.isfinite(value)).sum())} of {value.size}); nothing recorded"
             )
-    report = conformance_report(got, want, "fp32", label=f"bucket {format_size(bucket)}")
+    report = conformance_report(got, want, "fp32", label=where)
     if not report.ok:
         raise ExportValidationError(
-            f"bucket {format_size(bucket)}: {', '.join(c.name for c in report.failures)} differ "
-            f"from the autograd reference beyond the tolerance ({report.summary()}); all: "
+            f"{where}: {', '.join(c.name for c in report.failures)} differ from the autograd "
+            f"reference beyond the tolerance ({report.summary()}); all: "
             + ", ".join(f"{k} {v:.1e}" for k, v in report.errors.items())
         )
     return {
