@@ -168,7 +168,7 @@ def matmul_rates(
 
 def _onnxruntime_matmul(a: Any) -> Callable[[], Any]:
     """a @ a as one ONNX Runtime MatMul (MLAS, the library the CPU engines run on: numpy's BLAS
-    may be slower on the same cores), in a session opened like the engines'."""
+    may be slower on the same cores), in a plain CPU session on every core."""
     import onnx
     from interactive_features.runtime.backends.sessions import onnxruntime_module
     from onnx import TensorProto, helper

@@ -52,7 +52,7 @@ class OrtBackend(Backend):
     stays at the largest batch's peak however many sizes go through, and no batch pays for
     mapping fresh pages (80,000 page faults per 512x512 image without it). `release_memory`
     hands that memory back to the OS after every batch instead (RSS between batches drops to
-    the weights; 10-25% slower at 512x512 on the 2-core CPU, more for Winograd engines;
+    the weights; 8% slower at 512x512 on the 2-core CPU, 22% for a Winograd engine;
     bench/RESULTS.md). `prepack` lets ORT keep its own reordered copy of the weights per
     session: a little faster, but every open bucket then costs a copy of them.
     `precision`: "fp32" only (ONNX Runtime runs the exported graphs' own types).
@@ -207,7 +207,7 @@ class OrtCudaBackend(OrtBoundBackend):
             "use_tf32": "0",
             "cudnn_conv_use_max_workspace": "1",
         }
-        options.setdefault("providers", [(CUDA_PROVIDER, settings), "CPUExecutionProvider"])
+        options.setdefault("providers", [(CUDA_PROVIDER, settings), CPU_PROVIDER])
         super().__init__(manifest, **options)
 
 
@@ -291,7 +291,7 @@ class OrtTensorrtBackend(OrtBoundBackend):
             self.providers = [
                 (TENSORRT_PROVIDER, self.provider_options(bucket)),
                 (CUDA_PROVIDER, {"device_id": self.device_id}),
-                "CPUExecutionProvider",
+                CPU_PROVIDER,
             ]
         return super().session(bucket)
 
