@@ -364,7 +364,8 @@ def _export_bucket(
         entry[f"{prefix}file"] = name
         model = to_onnx(graph, spec, bucket)
         weights.externalize(model)
-        _keep_raw_weights(graph, model, weights)
+        if graph is graphs.main:  # a CPU graph's raw weights are its direct twin's
+            _keep_raw_weights(graph, model, weights)
         try:
             with atomic_path(out / name) as tmp:
                 onnx.save(model, tmp)

@@ -260,6 +260,7 @@ def test_auto_writes_direct_graphs_for_every_backend_and_winograd_graphs_for_the
         for p in (direct, cpu)
     }
     assert ops[direct] <= ALLOWED_OPS and "MatMul" not in ops[direct] and "MatMul" in ops[cpu]
+    assert "conv_4_1_weight" in manifest.data["weights"]["tensors"]  # the direct graph's
     entry = manifest.data["buckets"]["256x256"]
     for key in ("validation", "cpu_validation"):
         assert entry[key]["max_rel_err"] <= FP32_TOLERANCE
